@@ -1,0 +1,1 @@
+"""credproxy: a credential broker for AI-agent sandboxes."""

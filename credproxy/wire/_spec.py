@@ -1,0 +1,114 @@
+"""
+The facts of the credential socket protocol (docs: wire-protocol.md), defined
+once and imported by the server, the clients and the tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+# -- versions and frame limits -------------------------------------------------
+PROTOCOL_VERSION_MIN: Final = 1
+PROTOCOL_VERSION_MAX: Final = 2
+HEADER_SIZE: Final = 4  # unsigned 32-bit big-endian body length
+MAX_FRAME_V1: Final = 64 * 1024  # body bytes before and without a v2 handshake
+MAX_FRAME_V2: Final = 4 * 1024 * 1024
+MAX_FRAMES_PER_READ: Final = 100  # more in one read is a flood: close
+
+# -- server timers and limits (seconds) ----------------------------------------
+PARTIAL_FRAME_TIMEOUT: Final = 5.0
+REJECTED_HANDSHAKE_CLOSE_DELAY: Final = 3.0
+SHUTDOWN_HARD_CLOSE_DELAY: Final = 3.0
+MAX_IN_FLIGHT: Final = 16  # per connection, cancel exempt
+
+# -- client timers (seconds) ---------------------------------------------------
+CLIENT_REQUEST_TIMEOUT: Final = 30.0
+CLIENT_MAX_REQUEST_TIMEOUT: Final = 3600.0
+CLIENT_IDLE_TIMEOUT: Final = 300.0
+
+HANDSHAKE_OP: Final = "handshake"
+CANCEL_OP: Final = "cancel"
+
+
+class Op(str, enum.Enum):
+    """
+    Every registered operation name; anything else is an unknown op.
+    """
+
+    GET_TOKEN = "get_token"
+    SAVE_TOKEN = "save_token"
+    REMOVE_TOKEN = "remove_token"
+    LIST_PROVIDERS = "list_providers"
+    LIST_BUCKETS = "list_buckets"
+    GET_BUCKET_STATS = "get_bucket_stats"
+    GET_API_KEY = "get_api_key"
+    LIST_API_KEYS = "list_api_keys"
+    HAS_API_KEY = "has_api_key"
+    CANCEL = "cancel"
+    REFRESH_TOKEN = "refresh_token"
+    OAUTH_INITIATE = "oauth_initiate"
+    OAUTH_EXCHANGE = "oauth_exchange"
+    OAUTH_POLL = "oauth_poll"
+    OAUTH_CANCEL = "oauth_cancel"
+
+
+class ErrorCode(str, enum.Enum):
+    """
+    The C{code} of a failed answer.
+    """
+
+    UNKNOWN_VERSION = "UNKNOWN_VERSION"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    NOT_FOUND = "NOT_FOUND"
+    FORBIDDEN = "FORBIDDEN"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    CANCELLED = "CANCELLED"
+    RESPONSE_TOO_LARGE = "RESPONSE_TOO_LARGE"
+    PROVIDER_NOT_FOUND = "PROVIDER_NOT_FOUND"
+    REFRESH_NOT_AVAILABLE = "REFRESH_NOT_AVAILABLE"
+    RATE_LIMITED = "RATE_LIMITED"
+    REAUTH_REQUIRED = "REAUTH_REQUIRED"
+    REFRESH_FAILED = "REFRESH_FAILED"
+    PROVIDER_NOT_CONFIGURED = "PROVIDER_NOT_CONFIGURED"
+    FLOW_INITIATION_FAILED = "FLOW_INITIATION_FAILED"
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    SESSION_ALREADY_USED = "SESSION_ALREADY_USED"
+    SESSION_EXPIRED = "SESSION_EXPIRED"
+    EXCHANGE_FAILED = "EXCHANGE_FAILED"
+    ACCESS_DENIED = "ACCESS_DENIED"
+    POLL_FAILED = "POLL_FAILED"
+
+
+class Message:
+    """
+    Fixed error texts that clients match on.
+    """
+
+    UNSUPPORTED_VERSION: Final = "Unsupported protocol version"
+    BAD_CAPABILITY_TOKEN: Final = "Invalid or missing capability token"
+    MISSING_ID_OR_OP: Final = "Missing request id or op"
+    DUPLICATE_ID: Final = "Duplicate request id"
+    TOO_MANY_IN_FLIGHT: Final = "Too many concurrent requests"
+    UNKNOWN_OP_PREFIX: Final = "Unknown operation: "
+    ACCESS_DENIED: Final = "Access denied"
+    CANCELLED: Final = "Operation cancelled"
+    FRAME_TOO_LARGE: Final = "Frame exceeds maximum size"
+    RESPONSE_TOO_LARGE_V1: Final = "Response exceeds maximum frame size for protocol version 1"
+    INTERNAL: Final = "Internal error"
+    MISSING_PROVIDER: Final = "Missing provider"
+    MISSING_PROVIDER_OR_TOKEN: Final = "Missing provider or token"
+    MISSING_NAME: Final = "Missing name"
+    MISSING_TARGET_ID: Final = "Missing targetId"
+    MISSING_SESSION_ID: Final = "Missing session_id"
+    # client side
+    CONNECTION_LOST: Final = "Credential proxy connection lost. Restart the session."
+    SANDBOX_KEY_MANAGEMENT: Final = (
+        "API key management is not available in sandbox mode. Manage keys on the host."
+    )
+
+
+# -- inner-side environment ----------------------------------------------------
+SOCKET_ENV_VARIABLES: Final = ("LLXPRT_CREDENTIAL_SOCKET", "CREDPROXY_SOCKET")

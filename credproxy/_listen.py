@@ -6,6 +6,7 @@ failures raised at start, and peer credentials of Unix clients.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -162,10 +163,8 @@ def clear_stale_socket(path: str) -> None:
     except OSError as e:
         if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
             log.info("Replacing stale socket {path}", path=path)
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
             return
         if e.errno == errno.EAGAIN:  # a full backlog: alive, just busy
             raise ListenError(f"another process is serving {path}") from None
@@ -203,7 +202,8 @@ class ListeningService(Service):
                 wantPID=self._unix.lockfile,
             )
         try:
-            return serverFromString(self._reactor, self.description)
+            endpoint: IStreamServerEndpoint = serverFromString(self._reactor, self.description)
+            return endpoint
         except (ValueError, TypeError, KeyError) as e:
             raise ListenError(f"malformed endpoint {self.description!r}: {e}") from None
 

@@ -31,7 +31,7 @@ HANDSHAKE_OP: Final = "handshake"
 CANCEL_OP: Final = "cancel"
 
 
-class Op(str, enum.Enum):
+class Op(enum.StrEnum):
     """
     Every registered operation name; anything else is an unknown op.
     """
@@ -53,7 +53,7 @@ class Op(str, enum.Enum):
     OAUTH_CANCEL = "oauth_cancel"
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """
     The C{code} of a failed answer.
     """

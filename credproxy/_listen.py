@@ -180,10 +180,12 @@ class ListeningService(Service):
     raised from C{startService}, so twistd refuses to start with a clear message
     rather than logging and running with a face missing.
 
-    @ivar port: the listening port once started (tests read the bound address from it).
+    @ivar port: the listening port while started (tests read the bound address from it).
+    @ivar bound_path: the Unix socket path this service bound, kept after it stops.
     """
 
     port: IListeningPort | None = None
+    bound_path: str | None = None
 
     def __init__(self, reactor: object, description: str, factory: IProtocolFactory) -> None:
         self._reactor = reactor
@@ -221,6 +223,8 @@ class ListeningService(Service):
             detail = getattr(reason, "socketError", None) or reason
             raise ListenError(f"cannot listen on {self.description}: {detail}")
         self.port = result
+        if self._unix is not None:
+            self.bound_path = self._unix.path
         super().startService()
 
     def stopService(self) -> Deferred[None]:

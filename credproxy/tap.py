@@ -1,0 +1,179 @@
+"""
+The C{twistd credproxy} command line: the only module that knows the options
+and the only one that reaches for the global reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from credproxy._listen import ListenError, is_unix_description, parse_unix_description
+from credproxy._secret import Secret, read_secret_file
+from credproxy.broker.credentials import EnvironmentCredentialSource
+from credproxy.http import HTTPProxyConfig
+from credproxy.service import (
+    DEFAULT_GRACE,
+    CredproxyConfig,
+    CredproxyService,
+    default_http_endpoint,
+    default_rpc_endpoint,
+)
+from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
+
+_DEFAULTS = HTTPProxyConfig()
+
+
+class Options(usage.Options):
+    """
+    C{twistd credproxy [--http ENDPOINT]... [--rpc ENDPOINT]... [--upstream URL]
+    [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]}
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve the Anthropic Messages API with the real credential injected (--http) and the "
+        "credential socket (--rpc). With neither option both faces listen on Unix sockets in "
+        "$XDG_RUNTIME_DIR/credproxy/. Credentials come from ANTHROPIC_API_KEY or "
+        "CLAUDE_CODE_OAUTH_TOKEN."
+    )
+
+    optParameters: list[list[Any]] = [
+        ["upstream", None, _DEFAULTS.upstream, "Base URL of the Anthropic API (TLS verified)."],
+        [
+            "max-body",
+            None,
+            _DEFAULTS.max_body,
+            "Largest request body accepted, in bytes (the API's own limit by default).",
+            int,
+        ],
+        [
+            "capability-token-file",
+            None,
+            None,
+            "File holding the capability token agents must present (whitespace ignored).",
+        ],
+        ["grace", None, DEFAULT_GRACE, "Seconds in-flight streams may finish at stop.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["http"] = []
+        self["rpc"] = []
+        self["allow-uid"] = []
+
+    def opt_http(self, endpoint: str) -> None:
+        """
+        Serve the HTTP face on a Twisted server endpoint string (repeatable),
+        e.g. unix:address=/run/user/1000/credproxy/http.sock or tcp:port=8787:interface=127.0.0.1
+        """
+        self["http"].append(endpoint)
+
+    def opt_rpc(self, endpoint: str) -> None:
+        """
+        Serve the credential socket on a server endpoint string (repeatable).
+        """
+        self["rpc"].append(endpoint)
+
+    def opt_allow_uid(self, uid: str) -> None:
+        """
+        Also serve Unix peers with this uid (repeatable); our own uid always is.
+        """
+        try:
+            value = int(uid)
+        except ValueError:
+            raise usage.UsageError(f"--allow-uid needs a number, not {uid!r}") from None
+        if value < 0:
+            raise usage.UsageError("--allow-uid needs a non-negative number")
+        self["allow-uid"].append(value)
+
+    def postOptions(self) -> None:
+        if self["max-body"] <= 0:
+            raise usage.UsageError("--max-body must be a positive number of bytes")
+        if self["grace"] < 0:
+            raise usage.UsageError("--grace must not be negative")
+        upstream = urlsplit(self["upstream"])
+        if upstream.scheme not in ("http", "https") or not upstream.hostname:
+            raise usage.UsageError("--upstream must be an http:// or https:// URL")
+        if upstream.username or upstream.password:
+            raise usage.UsageError("--upstream must not carry credentials")
+        token: Secret | None = None
+        if self["capability-token-file"]:
+            try:
+                token = read_secret_file(self["capability-token-file"])
+            except (OSError, ValueError) as e:
+                detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                raise usage.UsageError(f"cannot read --capability-token-file: {detail}") from None
+        self["capability-token"] = token
+        if not self["http"] and not self["rpc"]:
+            self["http"] = [default_http_endpoint()]
+            self["rpc"] = [default_rpc_endpoint()]
+        for endpoint in (*self["http"], *self["rpc"]):
+            try:
+                parse_unix_description(endpoint)
+            except ListenError as e:
+                raise usage.UsageError(str(e)) from None
+            if token is None and not is_unix_description(endpoint):
+                raise usage.UsageError(
+                    f"refusing to listen on {endpoint!r} without a capability token: only a Unix "
+                    "socket identifies its peers; give --capability-token-file to use TCP"
+                )
+
+    def config(self) -> CredproxyConfig:
+        """
+        The parsed options as the service's configuration.
+        """
+        token: Secret | None = self["capability-token"]
+        return CredproxyConfig(
+            http_endpoints=tuple(self["http"]),
+            rpc_endpoints=tuple(self["rpc"]),
+            http=HTTPProxyConfig(
+                upstream=self["upstream"],
+                max_body=self["max-body"],
+                capability_token=token,
+                allowed_uids=frozenset({os.getuid(), *self["allow-uid"]}),
+            ),
+            capability_token=token,
+            grace=self["grace"],
+        )
+
+
+class _CommandLineService(CredproxyService):
+    """
+    Under twistd a face that cannot listen must end the process with one clear
+    line, not a traceback and not a process running with a face missing.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except ListenError as e:
+            # The reactor never runs after this, so Twisted would not get to
+            # remove the sockets already bound: do it here.
+            for listener in self.listening_services():
+                if listener.bound_path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(listener.bound_path)
+            raise SystemExit(f"credproxy: {e}") from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the service twistd runs.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return _CommandLineService(
+        reactor,
+        options.config(),
+        EnvironmentCredentialSource(os.environ),
+        MemoryTokenStore(),
+        MemoryProviderKeyStore(),
+    )

@@ -1,0 +1,332 @@
+"""
+C{twistd -n credproxy} as users run it: a subprocess of the installed package,
+with a real upstream in the test process, both faces on their default Unix
+sockets, and the lifecycle (stale sockets, live sockets, SIGTERM drain).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+API_KEY = "sk-ant-api03-twistd-test-key-0123456789"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Recorded:
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+class SlowMessages(Resource):
+    """
+    Answers /v1/messages with a short SSE stream spread over C{delay} seconds,
+    so a stop can arrive while it is in flight.
+    """
+
+    isLeaf = True
+
+    def __init__(self, recorded: Recorded, delay: float) -> None:
+        super().__init__()
+        self.recorded = recorded
+        self.delay = delay
+
+    def render_POST(self, request: Request) -> object:
+        self.recorded.headers.append(
+            {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        )
+        request.setHeader(b"content-type", b"text/event-stream")
+        events = [
+            b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+            b'{"input_tokens":3,"output_tokens":1}}}\n\n',
+            b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":5}}\n\n',
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+        ]
+        step = self.delay / len(events)
+        for i, event in enumerate(events):
+            reactor.callLater(step * i, request.write, event)
+        reactor.callLater(self.delay, request.finish)
+        return NOT_DONE_YET
+
+
+@dataclass
+class Upstream:
+    url: str
+    recorded: Recorded
+    resource: SlowMessages
+
+
+@pytest_twisted.async_yield_fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    recorded = Recorded()
+    resource = SlowMessages(recorded, delay=0.0)
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")  # type: ignore[arg-type]
+    try:
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        yield Upstream(f"http://127.0.0.1:{address.port}", recorded, resource)
+    finally:
+        await maybeDeferred(port.stopListening)
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen[bytes]
+    runtime: str
+    log_path: str
+
+    @property
+    def http_sock(self) -> str:
+        return os.path.join(self.runtime, "credproxy", "http.sock")
+
+    @property
+    def cred_sock(self) -> str:
+        return os.path.join(self.runtime, "credproxy", "cred.sock")
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+def start(runtime: str, *args: str, env: dict[str, str] | None = None) -> Running:
+    log_path = os.path.join(runtime, f"twistd-{time.monotonic_ns()}.log")
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "XDG_RUNTIME_DIR": runtime,
+        "ANTHROPIC_API_KEY": API_KEY,
+        "HOME": runtime,
+        **(env or {}),
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-n", "credproxy", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=runtime,
+        )
+    return Running(process, runtime, log_path)
+
+
+async def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        await deferLater(reactor, 0.05)
+
+
+async def wait_serving(running: Running, *paths: str) -> None:
+    def ready() -> bool:
+        if running.process.poll() is not None:
+            raise AssertionError(f"twistd exited early:\n{running.output()}")
+        return all(os.path.exists(p) for p in paths)
+
+    await wait_for(ready)
+
+
+async def wait_exit(running: Running, timeout: float = 20.0) -> int:
+    await wait_for(lambda: running.process.poll() is not None, timeout)
+    code = running.process.returncode
+    assert code is not None
+    return code
+
+
+@pytest.fixture
+def runtime(socket_dir: str) -> Iterator[str]:
+    yield socket_dir
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=20)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(self.path)
+
+
+def post_messages(path: str) -> tuple[int, bytes]:
+    connection = UnixHTTPConnection(path)
+    try:
+        body = json.dumps(
+            {"model": "claude-test", "max_tokens": 5, "stream": True,
+             "messages": [{"role": "user", "content": "hi"}]}
+        )
+        connection.request(
+            "POST", "/v1/messages", body=body,
+            headers={"x-api-key": "placeholder", "content-type": "application/json",
+                     "anthropic-version": "2023-06-01"},
+        )
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def rpc_handshake(path: str) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        frame = json.dumps(
+            {"v": 2, "op": "handshake", "payload": {"minVersion": 1, "maxVersion": 2}}
+        ).encode()
+        s.sendall(struct.pack(">I", len(frame)) + frame)
+        header = s.recv(4, socket.MSG_WAITALL)
+        (length,) = struct.unpack(">I", header)
+        reply: dict[str, object] = json.loads(s.recv(length, socket.MSG_WAITALL))
+        return reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_serves_both_faces_and_stops_cleanly_on_sigterm(
+    upstream: Upstream, runtime: str
+) -> None:
+    running = start(runtime, "--upstream", upstream.url)
+    try:
+        await wait_serving(running, running.http_sock, running.cred_sock)
+        directory = os.path.dirname(running.http_sock)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        for path in (running.http_sock, running.cred_sock):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+        status, body = await deferToThread(post_messages, running.http_sock)
+        assert status == 200
+        assert b"message_stop" in body
+        assert upstream.recorded.headers[-1]["x-api-key"] == API_KEY
+
+        reply = await deferToThread(rpc_handshake, running.cred_sock)
+        assert reply == {"v": 2, "op": "handshake", "ok": True, "data": {"version": 2}}
+
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(running) == 0
+        assert not os.path.exists(running.http_sock)
+        assert not os.path.exists(running.cred_sock)
+        output = running.output()
+        assert API_KEY not in output
+        assert "placeholder" not in output
+        assert "/v1/messages" in output  # the audit line reached twistd's log
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_lets_an_inflight_stream_finish(upstream: Upstream, runtime: str) -> None:
+    upstream.resource.delay = 1.5
+    running = start(runtime, "--upstream", upstream.url, "--http",
+                    f"unix:address={runtime}/h.sock", "--grace", "10")
+    try:
+        await wait_serving(running, f"{runtime}/h.sock")
+        answer = deferToThread(post_messages, f"{runtime}/h.sock")
+        await wait_for(lambda: upstream.recorded.headers)
+        running.process.send_signal(signal.SIGTERM)
+        status, body = await answer
+        assert status == 200
+        assert body.count(b"event: ") == 3  # nothing cut off
+        assert await wait_exit(running) == 0
+        assert not os.path.exists(f"{runtime}/h.sock")
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_socket_is_never_replaced_and_the_refusal_is_clear(
+    upstream: Upstream, runtime: str
+) -> None:
+    first = start(runtime, "--upstream", upstream.url)
+    try:
+        await wait_serving(first, first.http_sock, first.cred_sock)
+        second = start(runtime, "--upstream", upstream.url)
+        code = await wait_exit(second)
+        assert code != 0
+        assert "credproxy: another process is serving" in second.output()
+        assert "Traceback" not in second.output()
+        # The first one is untouched and still serves.
+        assert os.path.exists(first.http_sock)
+        assert os.path.exists(first.cred_sock)
+        status, _ = await deferToThread(post_messages, first.http_sock)
+        assert status == 200
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        await wait_exit(first)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_sockets_of_a_killed_process_are_replaced(
+    upstream: Upstream, runtime: str
+) -> None:
+    first = start(runtime, "--upstream", upstream.url)
+    await wait_serving(first, first.http_sock, first.cred_sock)
+    first.process.kill()  # SIGKILL: no cleanup, the socket files stay
+    await wait_exit(first)
+    assert os.path.exists(first.http_sock)
+
+    second = start(runtime, "--upstream", upstream.url)
+    try:
+        await wait_serving(second, second.http_sock, second.cred_sock)
+        await wait_for(lambda: "credproxy serving" in second.output())
+        status, _ = await deferToThread(post_messages, second.http_sock)
+        assert status == 200
+    finally:
+        second.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(second) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bind_failure_on_the_second_face_cleans_up_the_first(runtime: str) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    token_path = os.path.join(runtime, "token")
+    with open(token_path, "w") as f:
+        f.write("a" * 64)
+    try:
+        running = start(
+            runtime,
+            "--capability-token-file", token_path,
+            "--http", f"unix:address={runtime}/first.sock",
+            "--http", f"tcp:port={port}:interface=127.0.0.1",
+        )
+        assert await wait_exit(running) != 0
+        output = running.output()
+        assert f"credproxy: cannot listen on tcp:port={port}" in output
+        assert "a" * 64 not in output
+        assert not os.path.exists(f"{runtime}/first.sock")
+    finally:
+        taken.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_without_a_capability_token_is_refused(runtime: str) -> None:
+    running = start(runtime, "--http", "tcp:port=0:interface=127.0.0.1")
+    assert await wait_exit(running) != 0
+    assert "without a capability token" in running.output()

@@ -1,0 +1,129 @@
+"""
+The twistd command line: defaults, repeatable options, refusals with clear messages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+
+from credproxy._listen import parse_unix_description
+from credproxy.service import CredproxyService
+from credproxy.tap import Options, makeService
+
+TOKEN = "0123456789abcdef" * 4
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+@pytest.fixture
+def token_file(tmp_path: object) -> str:
+    path = os.path.join(str(tmp_path), "token")
+    with open(path, "w") as f:
+        f.write(f"\n  {TOKEN}  \n")
+    return path
+
+
+def test_defaults_start_both_faces_on_private_unix_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+    config = parse().config()
+    assert [parse_unix_description(e).path for e in config.http_endpoints] == [  # type: ignore[union-attr]
+        "/run/user/4242/credproxy/http.sock"
+    ]
+    assert [parse_unix_description(e).path for e in config.rpc_endpoints] == [  # type: ignore[union-attr]
+        "/run/user/4242/credproxy/cred.sock"
+    ]
+    assert config.http.upstream == "https://api.anthropic.com"
+    assert config.http.max_body == 32 * 1024 * 1024
+    assert config.grace == 10.0
+    assert config.capability_token is None
+    assert config.http.allowed_uids == frozenset({os.getuid()})
+
+
+def test_naming_one_face_starts_only_that_face() -> None:
+    config = parse("--http", "unix:address=/tmp/a.sock").config()
+    assert config.http_endpoints == ("unix:address=/tmp/a.sock",)
+    assert config.rpc_endpoints == ()
+    config = parse("--rpc", "unix:address=/tmp/b.sock").config()
+    assert (config.http_endpoints, config.rpc_endpoints) == ((), ("unix:address=/tmp/b.sock",))
+
+
+def test_repeatable_options() -> None:
+    config = parse(
+        "--http", "unix:address=/tmp/a.sock",
+        "--http", "unix:address=/tmp/b.sock",
+        "--allow-uid", "1001", "--allow-uid", "1002",
+        "--upstream", "http://127.0.0.1:9/", "--max-body", "1024", "--grace", "2.5",
+    ).config()
+    assert len(config.http_endpoints) == 2
+    assert config.http.allowed_uids == frozenset({os.getuid(), 1001, 1002})
+    assert (config.http.upstream, config.http.max_body, config.grace) == (
+        "http://127.0.0.1:9/", 1024, 2.5,
+    )
+
+
+def test_capability_token_file_is_read_and_shared(token_file: str) -> None:
+    config = parse(
+        "--capability-token-file", token_file, "--http", "tcp:port=0:interface=127.0.0.1"
+    ).config()
+    assert config.capability_token is not None
+    assert config.capability_token.reveal() == TOKEN
+    assert config.http.capability_token == config.capability_token
+
+
+@pytest.mark.parametrize("face", ["--http", "--rpc"])
+def test_tcp_without_capability_token_is_refused(face: str) -> None:
+    with pytest.raises(UsageError, match="without a capability token"):
+        parse(face, "tcp:port=8787:interface=127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-body", "0"], "--max-body must be a positive"),
+        (["--max-body", "lots"], "max-body"),
+        (["--grace", "-1"], "--grace must not be negative"),
+        (["--upstream", "ftp://x"], "--upstream must be an http"),
+        (["--upstream", "https://user:pw@host"], "must not carry credentials"),
+        (["--allow-uid", "root"], "--allow-uid needs a number"),
+        (["--allow-uid", "-3"], "non-negative"),
+        (["--capability-token-file", "/nonexistent/token"], "cannot read --capability-token-file"),
+        (["--http", "unix:mode=600"], "malformed unix endpoint"),
+    ],
+)
+def test_bad_options_are_refused_clearly(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(*argv)
+
+
+def test_empty_token_file_is_refused(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "empty")
+    open(path, "w").close()
+    with pytest.raises(UsageError, match="empty"):
+        parse("--capability-token-file", path)
+
+
+def test_token_never_in_option_errors_or_reprs(token_file: str) -> None:
+    options = parse("--capability-token-file", token_file)
+    assert TOKEN not in repr(options.config())
+    assert TOKEN not in str(dict(options))
+
+
+def test_make_service_builds_both_faces_on_the_given_reactor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+    service = makeService(parse(), reactor=MemoryReactorClock())
+    assert isinstance(service, CredproxyService)
+    assert service.http_face is not None
+    assert service.rpc_face is not None
+    assert len(service.listening_services()) == 2

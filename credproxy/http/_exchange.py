@@ -1,0 +1,357 @@
+"""
+One forwarded request, from credential lookup to the last byte: the upstream
+request, the first-byte timeout, the streaming pump with backpressure and an
+idle timer, and the agent hanging up at any point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from credproxy.broker.credentials import UpstreamCredential
+from credproxy.http._audit import audit
+from credproxy.http._errors import ErrorKind, error_body
+from credproxy.http._headers import copy_response_headers, upstream_request_headers
+from credproxy.http._usage import UsageParser, parser_for
+
+if TYPE_CHECKING:
+    from credproxy.http._resource import ProxyResource
+
+log = Logger(namespace="credproxy.http")
+
+
+def agent_transport(request: Request) -> Any:
+    """
+    The agent's connection (a TCP or Unix transport: abortable, half-closeable).
+    """
+    return request.channel.transport
+
+
+def request_body(request: Request) -> bytes:
+    content = request.content
+    return content.getvalue() if content is not None else b""
+
+
+@implementer(IBodyProducer)
+class _BodyBytes:
+    """
+    An in-memory request body for the upstream hop.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """The whole body is written at once; nothing to pause."""
+
+    def resumeProducing(self) -> None:
+        """The whole body is written at once; nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """The whole body is written at once; nothing to stop."""
+
+
+@implementer(IPushProducer)
+class _Backpressure:
+    """
+    Registered on the agent's connection: when the agent stops reading, the
+    upstream read is paused (and the idle timer with it, since the silence is
+    the agent's, not the upstream's).
+    """
+
+    def __init__(self, upstream: IPushProducer, pump: StreamPump) -> None:
+        self._upstream = upstream
+        self._pump = pump
+
+    def pauseProducing(self) -> None:
+        self._pump.paused = True
+        self._pump.disarm_idle()
+        self._upstream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._pump.paused = False
+        self._pump.arm_idle()
+        self._upstream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._upstream.stopProducing()
+
+
+class StreamPump(Protocol):
+    """
+    Copies the upstream answer's body to the agent chunk by chunk.
+    """
+
+    paused = False
+
+    def __init__(self, exchange: Exchange, parser: UsageParser | None) -> None:
+        self._exchange = exchange
+        self._parser = parser
+        self._idle: IDelayedCall | None = None
+        self.bytes = 0
+        self.stopped = False
+
+    def connectionMade(self) -> None:
+        request = self._exchange.request
+        assert self.transport is not None
+        request.registerProducer(_Backpressure(self.transport, self), True)  # type: ignore[arg-type]
+        self.arm_idle()
+
+    def arm_idle(self) -> None:
+        timeout = self._exchange.resource.config.stream_idle_timeout
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(timeout)
+        elif not self.stopped:
+            self._idle = self._exchange.resource.reactor.callLater(timeout, self._idle_expired)
+
+    def disarm_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        log.warn(
+            "Upstream stream idle for {seconds} s; closing it",
+            seconds=self._exchange.resource.config.stream_idle_timeout,
+        )
+        self._exchange.outcome = "idle_timeout"
+        self.stop()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.reset(self._exchange.resource.config.stream_idle_timeout)
+        self.bytes += len(data)
+        if self._parser is not None:
+            self._parser.feed(data)
+        self._exchange.request.write(data)
+
+    def stop(self) -> None:
+        """
+        Close the upstream connection now (agent gone, idle, or shutdown).
+        """
+        self.disarm_idle()
+        if not self.stopped and self.transport is not None:
+            self.stopped = True
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.disarm_idle()
+        self.stopped = True
+        self._exchange.stream_ended(
+            reason, self.bytes, self._parser.finish() if self._parser else None
+        )
+
+
+class Exchange:
+    """
+    The life of one forwarded request.
+    """
+
+    def __init__(self, resource: ProxyResource, request: Request, started: float) -> None:
+        self.resource = resource
+        self.request = request
+        self.started = started
+        self.gone = False  # the agent hung up
+        self.done = False
+        self.outcome = "ok"
+        # Read now: twisted.web closes the body file when the agent hangs up,
+        # and forgets the channel when the answer is finished.
+        self.body = request_body(request)
+        self.agent_transport = agent_transport(request)
+        self._status = 0
+        self._upstream: Deferred[IResponse] | None = None
+        # Deferred.called is already true while it waits on a chained Deferred,
+        # so whether the answer's headers are still awaited is kept here.
+        self._awaiting_headers = False
+        self._first_byte_timer: IDelayedCall | None = None
+        self._timed_out = False
+        self._pump: StreamPump | None = None
+        self._on_done: list[Callable[[Exchange], object]] = []
+        request.notifyFinish().addErrback(self._agent_gone)
+
+    def when_done(self, callback: Callable[[Exchange], object]) -> None:
+        self._on_done.append(callback)
+
+    # -- steps ------------------------------------------------------------------
+
+    def start(self) -> None:
+        d = self.resource.credentials.current_credential()
+        d.addCallback(self._send)
+        d.addErrback(self._internal_failure)
+
+    def _send(self, credential: UpstreamCredential | None) -> None:
+        if self.gone:
+            return
+        if credential is None:
+            self.answer_error(
+                ErrorKind.AUTHENTICATION,
+                "credproxy has no credential to forward with: "
+                + self.resource.credentials.how_to_configure(),
+                outcome="no_credential",
+            )
+            return
+        request = self.request
+        headers = upstream_request_headers(request.requestHeaders, credential)
+        url = self.resource.upstream_base + request.uri
+        self._awaiting_headers = True
+        self._upstream = self.resource.agent.request(
+            b"POST", url, headers, _BodyBytes(self.body)
+        )
+        self._first_byte_timer = self.resource.reactor.callLater(
+            self.resource.config.first_byte_timeout, self._first_byte_expired
+        )
+        self._upstream.addCallbacks(self._got_response, self._upstream_failed)
+        self._upstream.addErrback(self._internal_failure)
+
+    def _first_byte_expired(self) -> None:
+        self._first_byte_timer = None
+        self._timed_out = True
+        if self._upstream is not None:
+            self._upstream.cancel()
+
+    def _cancel_first_byte_timer(self) -> None:
+        self._awaiting_headers = False
+        if self._first_byte_timer is not None and self._first_byte_timer.active():
+            self._first_byte_timer.cancel()
+        self._first_byte_timer = None
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self._cancel_first_byte_timer()
+        if self.gone:
+            self._finish_audit()
+            return
+        if self._timed_out:
+            self.answer_error(
+                ErrorKind.TIMEOUT,
+                "The upstream API sent no response within "
+                f"{self.resource.config.first_byte_timeout:g} s.",
+                outcome="first_byte_timeout",
+            )
+            return
+        log.warn(
+            "Upstream request failed: {error_type}",
+            error_type=failure.type.__name__ if failure.type else "unknown",
+        )
+        self.answer_error(
+            ErrorKind.API, "credproxy could not reach the upstream API.", outcome="unreachable"
+        )
+
+    def _got_response(self, response: IResponse) -> None:
+        self._cancel_first_byte_timer()
+        parser = parser_for((response.headers.getRawHeaders(b"content-type") or [None])[0])
+        self._pump = StreamPump(self, parser)
+        if self.gone:
+            self._pump.stopped = True  # connectionMade will find the agent gone
+            response.deliverBody(_Discard())
+            self._finish_audit()
+            return
+        request = self.request
+        self._status = response.code
+        request.setResponseCode(response.code, response.phrase)
+        copy_response_headers(response.headers, request.responseHeaders)
+        if response.length is not UNKNOWN_LENGTH:
+            request.setHeader(b"content-length", b"%d" % (response.length,))
+        response.deliverBody(self._pump)
+
+    def stream_ended(self, reason: Failure, nbytes: int, usage: Any) -> None:
+        if not self.gone:
+            self.request.unregisterProducer()
+            if reason.check(ResponseDone, PotentialDataLoss) and self.outcome == "ok":
+                self.request.finish()
+            else:
+                if self.outcome == "ok":
+                    self.outcome = "upstream_broken"
+                    log.warn(
+                        "Upstream stream broke: {error_type}",
+                        error_type=reason.type.__name__ if reason.type else "unknown",
+                    )
+                # The agent must see the answer as incomplete, not as ended.
+                self.agent_transport.abortConnection()
+        self._finish_audit(usage=usage, nbytes=nbytes)
+
+    # -- endings ----------------------------------------------------------------
+
+    def answer_error(self, kind: ErrorKind, message: str, outcome: str) -> None:
+        body = error_body(kind, message)
+        request = self.request
+        self._status = kind.status
+        self.outcome = outcome
+        request.setResponseCode(kind.status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        request.write(body)
+        request.finish()
+        self._finish_audit(nbytes=len(body))
+
+    def _internal_failure(self, failure: Failure) -> None:
+        log.failure("Unexpected failure while forwarding", failure=failure)
+        if not self.gone and not self.done and not self.request.startedWriting:
+            self.answer_error(
+                ErrorKind.API, "credproxy failed to forward the request.", outcome="internal"
+            )
+
+    def _agent_gone(self, failure: Failure) -> None:
+        self.gone = True
+        if self.outcome == "ok":
+            self.outcome = "agent_gone"
+        if self._upstream is not None and self._awaiting_headers:
+            self._upstream.cancel()  # before the headers: the request is abandoned
+        if self._pump is not None:
+            self._pump.stop()  # mid-stream: close the upstream connection
+        if self._upstream is None:
+            self._finish_audit()
+
+    def abort(self) -> None:
+        """
+        End the exchange now (shutdown grace expired): the agent's connection
+        is closed, which cancels the upstream side through L{_agent_gone}.
+        """
+        if self.outcome == "ok":
+            self.outcome = "shutdown"
+        self.agent_transport.abortConnection()
+
+    def _finish_audit(self, usage: Any = None, nbytes: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        request = self.request
+        audit(
+            method=request.method,
+            path=request.path,
+            status=self._status,
+            usage=usage,
+            request_body=self.body,
+            response_bytes=nbytes,
+            duration=self.resource.reactor.seconds() - self.started,
+            outcome=self.outcome,
+        )
+        for callback in self._on_done:
+            callback(self)
+
+
+class _Discard(Protocol):
+    """
+    Takes an answer nobody will read and closes its connection at once.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]

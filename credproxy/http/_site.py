@@ -1,0 +1,55 @@
+"""
+The twisted.web site of the HTTP face: bounded requests, no access log of its
+own (the audit line replaces it), and a drain for graceful stops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.server import Site
+
+from credproxy.http._request import BoundedRequest
+from credproxy.http._resource import ProxyResource
+
+# Idle keep-alive connections are closed after this long; twisted.web pauses
+# the timer while a request is being answered, so streams are not affected.
+CONNECTION_IDLE_TIMEOUT = 300.0
+
+
+class ProxySite(Site):
+    """
+    Serves L{ProxyResource}; one site may listen on several endpoints.
+    """
+
+    requestFactory = BoundedRequest
+    displayTracebacks = False
+
+    def __init__(self, resource: ProxyResource, reactor: Any, max_body: int) -> None:
+        super().__init__(resource, reactor=reactor, timeout=CONNECTION_IDLE_TIMEOUT)
+        self.proxy = resource
+        self.max_body = max_body
+        self.pool: HTTPConnectionPool | None = None  # the upstream pool this site owns, if any
+
+    def log(self, request: Any) -> None:
+        """
+        No combined-log line: the resource writes one audit line per request.
+        """
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """
+        Fire once every in-flight exchange is done, closing those still running
+        after C{grace} seconds.
+        """
+        return self.proxy.drain(grace)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the upstream connections this site owns.
+        """
+        if self.pool is None:
+            return succeed(None)
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed

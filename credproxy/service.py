@@ -1,7 +1,7 @@
 """
 Composition: which faces run, where they listen, what they share. This is the
-embedding API: a Twisted application builds a L{CredproxyService} (or the faces
-themselves) with its own reactor, stores and credential source.
+embedding API: a Twisted application builds a L{CredproxyService} (or the face
+itself) with its own reactor and credential source.
 """
 
 from __future__ import annotations
@@ -26,13 +26,10 @@ from credproxy._listen import (
 from credproxy._secret import Secret
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
-from credproxy.stores import IProviderKeyStore, ITokenStore
-from credproxy.wire import RPCFace
 
 log = Logger()
 
 HTTP_SOCKET_NAME = "http.sock"
-RPC_SOCKET_NAME = "cred.sock"
 DEFAULT_GRACE = 10.0
 
 
@@ -43,13 +40,6 @@ def default_http_endpoint(environ: Mapping[str, str] = os.environ) -> str:
     return unix_description(os.path.join(default_runtime_dir(environ), HTTP_SOCKET_NAME))
 
 
-def default_rpc_endpoint(environ: Mapping[str, str] = os.environ) -> str:
-    """
-    The credential socket in the private runtime directory.
-    """
-    return unix_description(os.path.join(default_runtime_dir(environ), RPC_SOCKET_NAME))
-
-
 @dataclass(frozen=True)
 class CredproxyConfig:
     """
@@ -58,7 +48,6 @@ class CredproxyConfig:
     """
 
     http_endpoints: tuple[str, ...] = ()
-    rpc_endpoints: tuple[str, ...] = ()
     http: HTTPProxyConfig = field(default_factory=HTTPProxyConfig)
     capability_token: Secret | None = None
     grace: float = DEFAULT_GRACE
@@ -66,7 +55,7 @@ class CredproxyConfig:
 
 class CredproxyService(MultiService):
     """
-    The HTTP face and the credential socket face, sharing one capability token.
+    The running faces (today the HTTP face) with their shared settings.
 
     Starting creates any missing socket directory with mode 0700 (the default
     runtime directory is also made private if it exists) before a face binds.
@@ -79,8 +68,6 @@ class CredproxyService(MultiService):
         reactor: object,
         config: CredproxyConfig,
         credentials: ICredentialSource,
-        token_store: ITokenStore,
-        key_store: IProviderKeyStore,
         *,
         agent: IAgent | None = None,
         environ: Mapping[str, str] = os.environ,
@@ -89,7 +76,6 @@ class CredproxyService(MultiService):
         self.config = config
         self._runtime_dir = default_runtime_dir(environ)
         self.http_face: HTTPFace | None = None
-        self.rpc_face: RPCFace | None = None
         if config.http_endpoints:
             self.http_face = HTTPFace(
                 reactor,
@@ -100,18 +86,9 @@ class CredproxyService(MultiService):
                 agent=agent,
             )
             self.http_face.setServiceParent(self)
-        if config.rpc_endpoints:
-            self.rpc_face = RPCFace(
-                reactor,
-                config.rpc_endpoints,
-                token_store,
-                key_store,
-                config.capability_token,
-            )
-            self.rpc_face.setServiceParent(self)
 
     def _prepare_socket_directories(self) -> None:
-        for description in (*self.config.http_endpoints, *self.config.rpc_endpoints):
+        for description in self.config.http_endpoints:
             spec = parse_unix_description(description)
             if spec is None:
                 continue
@@ -119,14 +96,16 @@ class CredproxyService(MultiService):
             if parent == self._runtime_dir or not os.path.exists(parent):
                 ensure_private_dir(parent)
 
+    def faces(self) -> list[MultiService]:
+        return [face for face in (self.http_face,) if face is not None]
+
     def listening_services(self) -> list[ListeningService]:
         """
         Every listener of every face, in start order.
         """
         found: list[ListeningService] = []
-        for face in (self.http_face, self.rpc_face):
-            if face is not None:
-                found.extend(s for s in face if isinstance(s, ListeningService))
+        for face in self.faces():
+            found.extend(s for s in face if isinstance(s, ListeningService))
         return found
 
     def startService(self) -> None:
@@ -134,15 +113,14 @@ class CredproxyService(MultiService):
         try:
             super().startService()
         except ListenError:
-            for face in (self.http_face, self.rpc_face):
-                if face is not None and face.running:
+            for face in self.faces():
+                if face.running:
                     face.stopService()
             self.running = False
             raise
         log.info(
-            "credproxy serving: http={http} rpc={rpc}",
+            "credproxy serving: http={http}",
             http=list(self.config.http_endpoints),
-            rpc=list(self.config.rpc_endpoints),
         )
 
     def stopService(self) -> Deferred[None]:

@@ -22,25 +22,29 @@ from credproxy.service import (
     CredproxyConfig,
     CredproxyService,
     default_http_endpoint,
-    default_rpc_endpoint,
 )
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 
 _DEFAULTS = HTTPProxyConfig()
 
 
+def _byte_count(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--max-body needs a whole number of bytes, not {value!r}") from None
+
+
 class Options(usage.Options):
     """
-    C{twistd credproxy [--http ENDPOINT]... [--rpc ENDPOINT]... [--upstream URL]
+    C{twistd credproxy [--http ENDPOINT]... [--upstream URL]
     [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]}
     """
 
     synopsis = "[options]"
     longdesc = (
-        "Serve the Anthropic Messages API with the real credential injected (--http) and the "
-        "credential socket (--rpc). With neither option both faces listen on Unix sockets in "
-        "$XDG_RUNTIME_DIR/credproxy/. Credentials come from ANTHROPIC_API_KEY or "
-        "CLAUDE_CODE_OAUTH_TOKEN."
+        "Serve the Anthropic Messages API with the real credential injected. Without --http "
+        "it listens on the Unix socket $XDG_RUNTIME_DIR/credproxy/http.sock. Credentials come "
+        "from ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN."
     )
 
     optParameters: list[list[Any]] = [
@@ -50,7 +54,7 @@ class Options(usage.Options):
             None,
             _DEFAULTS.max_body,
             "Largest request body accepted, in bytes (the API's own limit by default).",
-            int,
+            _byte_count,
         ],
         [
             "capability-token-file",
@@ -64,7 +68,6 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["http"] = []
-        self["rpc"] = []
         self["allow-uid"] = []
 
     def opt_http(self, endpoint: str) -> None:
@@ -73,12 +76,6 @@ class Options(usage.Options):
         e.g. unix:address=/run/user/1000/credproxy/http.sock or tcp:port=8787:interface=127.0.0.1
         """
         self["http"].append(endpoint)
-
-    def opt_rpc(self, endpoint: str) -> None:
-        """
-        Serve the credential socket on a server endpoint string (repeatable).
-        """
-        self["rpc"].append(endpoint)
 
     def opt_allow_uid(self, uid: str) -> None:
         """
@@ -110,10 +107,9 @@ class Options(usage.Options):
                 detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise usage.UsageError(f"cannot read --capability-token-file: {detail}") from None
         self["capability-token"] = token
-        if not self["http"] and not self["rpc"]:
+        if not self["http"]:
             self["http"] = [default_http_endpoint()]
-            self["rpc"] = [default_rpc_endpoint()]
-        for endpoint in (*self["http"], *self["rpc"]):
+        for endpoint in self["http"]:
             try:
                 parse_unix_description(endpoint)
             except ListenError as e:
@@ -131,7 +127,6 @@ class Options(usage.Options):
         token: Secret | None = self["capability-token"]
         return CredproxyConfig(
             http_endpoints=tuple(self["http"]),
-            rpc_endpoints=tuple(self["rpc"]),
             http=HTTPProxyConfig(
                 upstream=self["upstream"],
                 max_body=self["max-body"],
@@ -174,6 +169,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         options.config(),
         EnvironmentCredentialSource(os.environ),
-        MemoryTokenStore(),
-        MemoryProviderKeyStore(),
     )

@@ -80,7 +80,7 @@ class RuntimeDirTests(SynchronousTestCase):
         ensure_private_dir(path)
         self.addCleanup(os.rmdir, path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
-        os.chmod(path, 0o755)
+        os.chmod(path, 0o755)  # noqa: S103 - the test loosens it to see it tightened
         ensure_private_dir(path)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
 
@@ -125,14 +125,16 @@ def test_non_socket_is_never_replaced(socket_dir: str) -> None:
         f.write("precious")
     with pytest.raises(ListenError, match="not a socket"):
         clear_stale_socket(path)
-    assert open(path).read() == "precious"
+    with open(path) as f:
+        assert f.read() == "precious"
 
 
 @pytest_twisted.ensureDeferred
 async def test_listening_service_binds_0600_replaces_stale_and_unlinks(socket_dir: str) -> None:
     path = os.path.join(socket_dir, "s.sock")
     _bound_socket(path, listen=False).close()
-    service = ListeningService(global_reactor, unix_description(path), Factory.forProtocol(Protocol))
+    factory = Factory.forProtocol(Protocol)
+    service = ListeningService(global_reactor, unix_description(path), factory)
     service.startService()
     try:
         assert service.port is not None

@@ -31,7 +31,7 @@ def token_file(tmp_path: object) -> str:
     return path
 
 
-def test_defaults_start_both_faces_on_private_unix_sockets(
+def test_defaults_listen_on_a_private_unix_socket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
@@ -39,22 +39,11 @@ def test_defaults_start_both_faces_on_private_unix_sockets(
     assert [parse_unix_description(e).path for e in config.http_endpoints] == [  # type: ignore[union-attr]
         "/run/user/4242/credproxy/http.sock"
     ]
-    assert [parse_unix_description(e).path for e in config.rpc_endpoints] == [  # type: ignore[union-attr]
-        "/run/user/4242/credproxy/cred.sock"
-    ]
     assert config.http.upstream == "https://api.anthropic.com"
     assert config.http.max_body == 32 * 1024 * 1024
     assert config.grace == 10.0
     assert config.capability_token is None
     assert config.http.allowed_uids == frozenset({os.getuid()})
-
-
-def test_naming_one_face_starts_only_that_face() -> None:
-    config = parse("--http", "unix:address=/tmp/a.sock").config()
-    assert config.http_endpoints == ("unix:address=/tmp/a.sock",)
-    assert config.rpc_endpoints == ()
-    config = parse("--rpc", "unix:address=/tmp/b.sock").config()
-    assert (config.http_endpoints, config.rpc_endpoints) == ((), ("unix:address=/tmp/b.sock",))
 
 
 def test_repeatable_options() -> None:
@@ -80,10 +69,9 @@ def test_capability_token_file_is_read_and_shared(token_file: str) -> None:
     assert config.http.capability_token == config.capability_token
 
 
-@pytest.mark.parametrize("face", ["--http", "--rpc"])
-def test_tcp_without_capability_token_is_refused(face: str) -> None:
+def test_tcp_without_capability_token_is_refused() -> None:
     with pytest.raises(UsageError, match="without a capability token"):
-        parse(face, "tcp:port=8787:interface=127.0.0.1")
+        parse("--http", "tcp:port=8787:interface=127.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -118,12 +106,11 @@ def test_token_never_in_option_errors_or_reprs(token_file: str) -> None:
     assert TOKEN not in str(dict(options))
 
 
-def test_make_service_builds_both_faces_on_the_given_reactor(
+def test_make_service_builds_the_face_on_the_given_reactor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
     service = makeService(parse(), reactor=MemoryReactorClock())
     assert isinstance(service, CredproxyService)
     assert service.http_face is not None
-    assert service.rpc_face is not None
-    assert len(service.listening_services()) == 2
+    assert len(service.listening_services()) == 1

@@ -54,7 +54,9 @@ class EnvironmentSourceTests(SynchronousTestCase):
     def test_blank_values_are_absent(self) -> None:
         self.assertIsNone(
             self.current(
-                EnvironmentCredentialSource({"ANTHROPIC_API_KEY": " ", "CLAUDE_CODE_OAUTH_TOKEN": ""})
+                EnvironmentCredentialSource(
+                    {"ANTHROPIC_API_KEY": " ", "CLAUDE_CODE_OAUTH_TOKEN": ""}
+                )
             )
         )
 

@@ -22,7 +22,7 @@ def messages_request(
     body: bytes | None = None,
     *,
     stream: bool = False,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str | None] | None = None,
     method: str = "POST",
 ) -> bytes:
     if body is None:
@@ -30,7 +30,7 @@ def messages_request(
             "model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "stream": stream,
             "messages": [{"role": "user", "content": "Hi"}],
         }).encode()
-    all_headers = {
+    all_headers: dict[str, str | None] = {
         "host": "localhost", "content-type": "application/json",
         "x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01",
         "content-length": str(len(body)),
@@ -62,16 +62,21 @@ def parse_response(data: bytes) -> Parsed:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     if headers.get("transfer-encoding") == "chunked":
-        body, complete = b"", False
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
+        parts: list[bytes] = []
+        complete = False
+        offset = 0
+        while offset < len(rest):
+            line_end = rest.find(b"\r\n", offset)
+            if line_end < 0:
+                break
+            size = int(rest[offset:line_end], 16)
             if size == 0:
                 complete = True
                 break
-            body += rest[:size]
-            rest = rest[size + 2 :]
-        return Parsed(status, headers, body, complete)
+            start = line_end + 2
+            parts.append(rest[start : start + size])
+            offset = start + size + 2
+        return Parsed(status, headers, b"".join(parts), complete)
     length = int(headers.get("content-length", "0"))
     return Parsed(status, headers, rest[:length], len(rest) >= length)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.web.server import NOT_DONE_YET, Request
 
 from credproxy._secret import Secret
@@ -32,11 +33,11 @@ CAPABILITY = "c" * 64
 @pytest.fixture
 def log_events() -> Iterator[list[dict[str, object]]]:
     events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
     try:
         yield events
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
 
 
 def assert_no_secrets(events: list[dict[str, object]], *secrets: str) -> None:
@@ -290,15 +291,20 @@ async def test_capability_token_is_required_when_configured(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
     proxy = await make_proxy(capability_token=Secret(CAPABILITY))
-    for headers in ({"x-api-key": PLACEHOLDER}, {"x-api-key": CAPABILITY[:-1]},
-                    {"x-api-key": None, "authorization": "Bearer wrong"}):
+    refused: list[dict[str, str | None]] = [
+        {"x-api-key": PLACEHOLDER}, {"x-api-key": CAPABILITY[:-1]},
+        {"x-api-key": None, "authorization": "Bearer wrong"},
+    ]
+    for headers in refused:
         response = await exchange(reactor, proxy.path, messages_request(headers=headers))
         assert response.status == 401
         assert response.json()["error"]["type"] == "authentication_error"
         assert CAPABILITY not in json.dumps(response.json())
     assert upstream.received == []
-    for headers in ({"x-api-key": CAPABILITY},
-                    {"x-api-key": None, "authorization": f"Bearer {CAPABILITY}"}):
+    accepted: list[dict[str, str | None]] = [
+        {"x-api-key": CAPABILITY}, {"x-api-key": None, "authorization": f"Bearer {CAPABILITY}"},
+    ]
+    for headers in accepted:
         response = await exchange(reactor, proxy.path, messages_request(headers=headers))
         assert response.status == 200
     assert [r.header("x-api-key") for r in upstream.received] == [REAL_API_KEY] * 2
@@ -453,7 +459,7 @@ async def test_stop_lets_inflight_streams_finish_then_closes_late_ones(
     await late.received_at_least(50)
     assert len(pending) == 2
 
-    stop_began = reactor.seconds()  # type: ignore[attr-defined]
+    stop_began = reactor.seconds()
     stopped = proxy.face.stopService()
     await deferLater(reactor, 0.05)
     assert not os.path.exists(proxy.path)  # no longer accepting
@@ -464,7 +470,7 @@ async def test_stop_lets_inflight_streams_finish_then_closes_late_ones(
     assert finishing.response().complete
 
     await stopped
-    assert 0.45 < reactor.seconds() - stop_began < 2  # type: ignore[attr-defined]
+    assert 0.45 < reactor.seconds() - stop_began < 2
     await late.closed
     assert not late.response().complete
     await deferLater(reactor, 0.05)

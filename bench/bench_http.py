@@ -180,7 +180,7 @@ async def concurrent_slow_streams(
     baseline = rss_kib(rig.proxy_pid)
     peak = baseline
     request = messages_request(
-        f"/v1/messages?events={events}&interval={interval}", stream=True, key="placeholder"
+        f"/v1/messages?events={events}&interval={interval}", stream=True, key=TOKEN
     )
 
     async def one() -> bool:
@@ -218,7 +218,7 @@ async def hangup_latency(rig: Rig, trials: int) -> list[float]:
     for _ in range(trials):
         before = await hangups(rig)
         reader, writer = await connect(rig.proxied)
-        writer.write(messages_request("/v1/messages?forever=1", stream=True, key="placeholder"))
+        writer.write(messages_request("/v1/messages?forever=1", stream=True, key=TOKEN))
         await read_answer(reader, time.perf_counter(), keep=False, stop_after=256 * 1024)
         closed_at = time.monotonic()
         writer.transport.abort()
@@ -249,7 +249,7 @@ async def hangups(rig: Rig) -> list[float]:
 async def stall_growth(rig: Rig, stall: float) -> dict[str, float]:
     reader, writer = await connect(rig.proxied)
     try:
-        writer.write(messages_request("/v1/messages?forever=1", stream=True, key="placeholder"))
+        writer.write(messages_request("/v1/messages?forever=1", stream=True, key=TOKEN))
         await read_answer(reader, time.perf_counter(), keep=False, stop_after=4 * MiB)
         await asyncio.sleep(0.5)
         before = rss_kib(rig.proxy_pid)
@@ -277,7 +277,7 @@ def main() -> None:
     quick = args.quick
     rows: list[tuple[str, str, str, str]] = []
     with rig() as r:
-        asyncio.run(first_byte_times(r.proxied, "placeholder", 50))  # warm up
+        asyncio.run(first_byte_times(r.proxied, TOKEN, 50))  # warm up
         seconds = 3 if quick else 8
         direct_rate = wrk_rate(f"http://127.0.0.1:{r.upstream_port}/v1/messages", KEY, seconds)
         proxy_rate = wrk_rate(f"http://127.0.0.1:{r.proxy_tcp_port}/v1/messages", TOKEN, seconds)
@@ -287,7 +287,7 @@ def main() -> None:
 
         count = 100 if quick else 1000
         direct_fb = asyncio.run(first_byte_times(r.direct, KEY, count))
-        proxy_fb = asyncio.run(first_byte_times(r.proxied, "placeholder", count))
+        proxy_fb = asyncio.run(first_byte_times(r.proxied, TOKEN, count))
         rows.append(("first byte p50 (ms)", f"{pct(direct_fb, .5)*1e3:.2f}",
                      f"{pct(proxy_fb, .5)*1e3:.2f}",
                      f"overhead {(pct(proxy_fb, .5)-pct(direct_fb, .5))*1e3:.2f} ms (≤ 2)"))
@@ -296,7 +296,7 @@ def main() -> None:
 
         size = (64 if quick else 1024) * MiB
         direct_mbs = asyncio.run(one_stream_rate(r.direct, KEY, size))
-        proxy_mbs = asyncio.run(one_stream_rate(r.proxied, "placeholder", size))
+        proxy_mbs = asyncio.run(one_stream_rate(r.proxied, TOKEN, size))
         rows.append((f"one stream of {size // MiB} MiB (MB/s)", f"{direct_mbs:,.0f}",
                      f"{proxy_mbs:,.0f}", "≥ 300"))
 

@@ -67,15 +67,18 @@ def sanitize(token: Token) -> Token:
 
 def merge_saved(stored: Token | None, incoming: Mapping[str, Any]) -> Token:
     """
-    The token to store after C{save_token}: the stored fields overwritten by
-    the incoming ones, except that the incoming refresh token is dropped and a
-    stored one is kept unless the incoming carried a non-empty one.
+    The token to store after C{save_token} over the credential socket: the
+    stored fields overwritten by the incoming ones, except the refresh token,
+    which only the host's own login and refresh may set. An incoming one is
+    dropped (a sandbox must not be able to plant or blank it); the stored one
+    is kept. llxprt's server behaves the same way.
     """
     merged: dict[str, Any] = dict(stored.items()) if stored is not None else {}
+    merged.pop(REFRESH_TOKEN_FIELD, None)
     merged.update({k: v for k, v in incoming.items() if k != REFRESH_TOKEN_FIELD})
-    fresh_refresh = incoming.get(REFRESH_TOKEN_FIELD)
-    if isinstance(fresh_refresh, str) and fresh_refresh:
-        merged[REFRESH_TOKEN_FIELD] = fresh_refresh
+    kept_refresh = stored.refresh_token if stored is not None else None
+    if kept_refresh is not None:
+        merged[REFRESH_TOKEN_FIELD] = kept_refresh
     return Token(merged)
 
 

@@ -3,6 +3,19 @@ Credential stores: the interfaces the broker and faces use, and their
 implementations (in memory now; keyring-backed next).
 """
 
-from credproxy.stores._interfaces import BucketStats, IProviderKeyStore, ITokenStore
+from credproxy.stores._interfaces import (
+    DEFAULT_BUCKET,
+    BucketStats,
+    IProviderKeyStore,
+    ITokenStore,
+)
+from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
 
-__all__ = ["BucketStats", "IProviderKeyStore", "ITokenStore"]
+__all__ = [
+    "DEFAULT_BUCKET",
+    "BucketStats",
+    "IProviderKeyStore",
+    "ITokenStore",
+    "MemoryProviderKeyStore",
+    "MemoryTokenStore",
+]

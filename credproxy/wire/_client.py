@@ -40,7 +40,6 @@ from credproxy.wire._client_errors import (
     ProxyTimeoutError,
 )
 from credproxy.wire._client_framing import (
-    CLIENT_MAX_WAITING,
     cancel_message,
     checked_timeout,
     encode_frame,
@@ -53,6 +52,7 @@ from credproxy.wire._client_framing import (
 )
 from credproxy.wire._spec import (
     CLIENT_IDLE_TIMEOUT,
+    CLIENT_MAX_WAITING,
     CLIENT_REQUEST_TIMEOUT,
     MAX_FRAME_V1,
     MAX_IN_FLIGHT,

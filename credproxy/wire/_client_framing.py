@@ -7,9 +7,7 @@ client both use these, so they cannot drift apart on the wire.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -20,6 +18,7 @@ from credproxy.wire._client_errors import (
     ProtocolViolation,
     ProxyRequestError,
 )
+from credproxy.wire._codec import LENGTH_PREFIX, NotAJSONObject, decode_json_object, encode_json
 from credproxy.wire._spec import (
     CANCEL_OP,
     CLIENT_MAX_REQUEST_TIMEOUT,
@@ -33,12 +32,7 @@ from credproxy.wire._spec import (
     Message,
 )
 
-_HEADER: Final = struct.Struct(">I")
-assert _HEADER.size == HEADER_SIZE
-
-# Requests a Twisted client keeps queued while MAX_IN_FLIGHT are on the wire;
-# beyond this a caller is told at once rather than growing memory without end.
-CLIENT_MAX_WAITING: Final = 1024
+_HEADER: Final = LENGTH_PREFIX
 
 
 def max_body(version: int) -> int:
@@ -66,9 +60,7 @@ def encode_frame(message: Mapping[str, Any], limit: int) -> bytes:
 
     @raise FrameTooLargeError: when the body exceeds C{limit}.
     """
-    body = json.dumps(
-        message, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    body = encode_json(message)
     if len(body) > limit:
         raise FrameTooLargeError()
     return _HEADER.pack(len(body)) + body
@@ -109,16 +101,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     @raise ProtocolViolation: not UTF-8, not JSON, or not an object.
     """
     try:
-        message = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
-        _violation("a frame that is not JSON")
-    if not isinstance(message, dict):
-        _violation("a frame that is not a JSON object")
-    return message
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(name)
+        return decode_json_object(body)
+    except NotAJSONObject as e:
+        _violation(f"a frame that is {e}")
 
 
 def negotiated_version(reply: Mapping[str, Any]) -> int:

@@ -21,11 +21,28 @@ PARTIAL_FRAME_TIMEOUT: Final = 5.0
 REJECTED_HANDSHAKE_CLOSE_DELAY: Final = 3.0
 SHUTDOWN_HARD_CLOSE_DELAY: Final = 3.0
 MAX_IN_FLIGHT: Final = 16  # per connection, cancel exempt
+# A client sends its handshake as soon as it connects; one that has not within
+# this long is not a credential client.
+HANDSHAKE_TIMEOUT: Final = 10.0
+# Twice the client's own idle close (CLIENT_IDLE_TIMEOUT), so a well-behaved
+# client always closes first and the server only reaps the abandoned ones.
+CONNECTION_IDLE_TIMEOUT: Final = 600.0
+# An op is a few store reads and writes (a keyring may wait on D-Bus, a
+# refresh on one provider call); one still running after this is stuck, and
+# gives its in-flight slot back with an error rather than holding it.
+REQUEST_HANDLING_TIMEOUT: Final = 120.0
+# Connections one server keeps at once. Each may buffer one partial frame of
+# up to MAX_FRAME_V2 for PARTIAL_FRAME_TIMEOUT, so this bounds that memory
+# (256 x 4 MiB) while leaving room for many sandboxes at once.
+MAX_CONNECTIONS: Final = 256
 
 # -- client timers (seconds) ---------------------------------------------------
 CLIENT_REQUEST_TIMEOUT: Final = 30.0
 CLIENT_MAX_REQUEST_TIMEOUT: Final = 3600.0
 CLIENT_IDLE_TIMEOUT: Final = 300.0
+# Requests a Twisted client keeps queued while MAX_IN_FLIGHT are on the wire;
+# beyond this a caller is told at once rather than growing memory without end.
+CLIENT_MAX_WAITING: Final = 1024
 
 HANDSHAKE_OP: Final = "handshake"
 CANCEL_OP: Final = "cancel"
@@ -98,11 +115,14 @@ class Message:
     FRAME_TOO_LARGE: Final = "Frame exceeds maximum size"
     RESPONSE_TOO_LARGE_V1: Final = "Response exceeds maximum frame size for protocol version 1"
     INTERNAL: Final = "Internal error"
+    TIMED_OUT: Final = "Operation timed out"
     MISSING_PROVIDER: Final = "Missing provider"
     MISSING_PROVIDER_OR_TOKEN: Final = "Missing provider or token"
     MISSING_NAME: Final = "Missing name"
     MISSING_TARGET_ID: Final = "Missing targetId"
     MISSING_SESSION_ID: Final = "Missing session_id"
+    MISSING_CODE: Final = "Missing code"
+    SESSION_NOT_FOUND: Final = "OAuth session not found"
     # client side
     CONNECTION_LOST: Final = "Credential proxy connection lost. Restart the session."
     SANDBOX_KEY_MANAGEMENT: Final = (

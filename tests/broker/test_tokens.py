@@ -65,6 +65,16 @@ def test_merge_saved_keeps_stored_refresh_token() -> None:
     assert merged["extra"] == FIELDS["extra"]
 
 
+def test_merge_saved_never_takes_an_incoming_refresh_token() -> None:
+    stored = Token(FIELDS)
+    planted = merge_saved(stored, {"access_token": "new", "refresh_token": "planted"})
+    assert planted["refresh_token"] == FIELDS["refresh_token"]
+    blanked = merge_saved(stored, {"access_token": "new", "refresh_token": ""})
+    assert blanked["refresh_token"] == FIELDS["refresh_token"]
+    fresh = merge_saved(None, {"access_token": "a", "refresh_token": "planted"})
+    assert "refresh_token" not in fresh
+
+
 def test_merge_refreshed_rotates_refresh_token() -> None:
     stored = Token(FIELDS)
     rotated = merge_refreshed(stored, {"access_token": "n", "expiry": 3, "refresh_token": "r2"})

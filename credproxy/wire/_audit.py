@@ -1,0 +1,58 @@
+"""
+The credential socket's audit trail: one structured line per connection
+event and per op (wire-protocol.md section 9). It names ops, providers,
+buckets and key names, never a token, key, code, verifier or session id;
+a sandbox's misses name nothing (the op handlers leave those fields empty).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from twisted.logger import Logger
+
+from credproxy.wire._ops import AuditRecord
+
+audit_log: Final = Logger(namespace="credproxy.wire.audit")
+
+# Names come from the client: cut them short and escape anything that is not
+# printable ASCII, so a name can neither flood the log nor forge a line.
+_NAME_LIMIT: Final = 128
+
+
+def printable(name: str | None) -> str | None:
+    if name is None:
+        return None
+    shown = name[:_NAME_LIMIT].encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown + "..." if len(name) > _NAME_LIMIT else shown
+
+
+def connection_event(connection: int, event: str, **details: object) -> None:
+    """
+    C{event} is one of connected, handshake, refused, closed; C{details}
+    are numbers, booleans and fixed words only.
+    """
+    shown = " ".join(f"{k}={v}" for k, v in details.items())
+    audit_log.info(
+        "credential socket conn={connection} {event} {details}",
+        connection=connection,
+        event=event,
+        details=shown,
+        **details,
+    )
+
+
+def op_done(connection: int, record: AuditRecord, duration: float) -> None:
+    audit_log.info(
+        "credential socket conn={connection} op={op} provider={provider} bucket={bucket} "
+        "key={key} status={status} count={count} duration_ms={duration_ms}",
+        connection=connection,
+        op=printable(record.op),
+        provider=printable(record.provider),
+        bucket=printable(record.bucket),
+        key=printable(record.key),
+        status=record.status,
+        count=record.count,
+        duration_ms=round(duration * 1000, 2),
+    )

@@ -2,7 +2,9 @@
 credproxy: a credential broker for AI-agent sandboxes.
 
 The public surface is what this module exports; everything in a C{_module} is
-private. C{credproxy.http} exports the HTTP face's own names.
+private. C{credproxy.http}, C{credproxy.wire} (the credential socket, server and
+clients), C{credproxy.stores} and C{credproxy.inner} (the sandbox side)
+export their own names.
 """
 
 from credproxy._secret import Secret, read_secret_file
@@ -15,6 +17,7 @@ from credproxy.broker.credentials import (
 )
 from credproxy.http import HTTPFace, HTTPProxyConfig, build_proxy_site
 from credproxy.service import CredproxyConfig, CredproxyService
+from credproxy.wire import RPCFace
 
 __all__ = [
     "CredentialKind",
@@ -25,6 +28,7 @@ __all__ = [
     "HTTPFace",
     "HTTPProxyConfig",
     "ICredentialSource",
+    "RPCFace",
     "Secret",
     "UpstreamCredential",
     "build_proxy_site",

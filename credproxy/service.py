@@ -26,10 +26,18 @@ from credproxy._listen import (
 from credproxy._secret import Secret
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
+from credproxy.stores import (
+    IProviderKeyStore,
+    ITokenStore,
+    MemoryProviderKeyStore,
+    MemoryTokenStore,
+)
+from credproxy.wire import RPCFace
 
 log = Logger()
 
 HTTP_SOCKET_NAME = "http.sock"
+RPC_SOCKET_NAME = "cred.sock"
 DEFAULT_GRACE = 10.0
 
 
@@ -40,6 +48,13 @@ def default_http_endpoint(environ: Mapping[str, str] = os.environ) -> str:
     return unix_description(os.path.join(default_runtime_dir(environ), HTTP_SOCKET_NAME))
 
 
+def default_rpc_endpoint(environ: Mapping[str, str] = os.environ) -> str:
+    """
+    The credential socket in the same private runtime directory.
+    """
+    return unix_description(os.path.join(default_runtime_dir(environ), RPC_SOCKET_NAME))
+
+
 @dataclass(frozen=True)
 class CredproxyConfig:
     """
@@ -48,6 +63,7 @@ class CredproxyConfig:
     """
 
     http_endpoints: tuple[str, ...] = ()
+    rpc_endpoints: tuple[str, ...] = ()
     http: HTTPProxyConfig = field(default_factory=HTTPProxyConfig)
     capability_token: Secret | None = None
     grace: float = DEFAULT_GRACE
@@ -55,7 +71,10 @@ class CredproxyConfig:
 
 class CredproxyService(MultiService):
     """
-    The running faces (today the HTTP face) with their shared settings.
+    The running faces (the HTTP face and the credential socket) with their
+    shared settings: the capability token and the Unix peers allowed in.
+    The credential socket serves C{token_store} and C{key_store} (in memory
+    when not given).
 
     Starting creates any missing socket directory with mode 0700 (the default
     runtime directory is also made private if it exists) before a face binds.
@@ -70,6 +89,8 @@ class CredproxyService(MultiService):
         credentials: ICredentialSource,
         *,
         agent: IAgent | None = None,
+        token_store: ITokenStore | None = None,
+        key_store: IProviderKeyStore | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         super().__init__()
@@ -86,9 +107,20 @@ class CredproxyService(MultiService):
                 agent=agent,
             )
             self.http_face.setServiceParent(self)
+        self.rpc_face: RPCFace | None = None
+        if config.rpc_endpoints:
+            self.rpc_face = RPCFace(
+                reactor,  # type: ignore[arg-type]
+                config.rpc_endpoints,
+                token_store if token_store is not None else MemoryTokenStore(),
+                key_store if key_store is not None else MemoryProviderKeyStore(),
+                config.capability_token,
+                allowed_uids=config.http.allowed_uids,
+            )
+            self.rpc_face.setServiceParent(self)
 
     def _prepare_socket_directories(self) -> None:
-        for description in self.config.http_endpoints:
+        for description in (*self.config.http_endpoints, *self.config.rpc_endpoints):
             spec = parse_unix_description(description)
             if spec is None:
                 continue
@@ -97,7 +129,7 @@ class CredproxyService(MultiService):
                 ensure_private_dir(parent)
 
     def faces(self) -> list[MultiService]:
-        return [face for face in (self.http_face,) if face is not None]
+        return [face for face in (self.http_face, self.rpc_face) if face is not None]
 
     def listening_services(self) -> list[ListeningService]:
         """
@@ -119,11 +151,11 @@ class CredproxyService(MultiService):
             self.running = False
             raise
         log.info(
-            "credproxy serving: http={http}",
+            "credproxy serving: http={http} rpc={rpc}",
             http=list(self.config.http_endpoints),
+            rpc=list(self.config.rpc_endpoints),
         )
 
     def stopService(self) -> Deferred[None]:
         log.info("credproxy stopping")
         return super().stopService()  # type: ignore[no-any-return]
-

@@ -22,6 +22,7 @@ from credproxy.service import (
     CredproxyConfig,
     CredproxyService,
     default_http_endpoint,
+    default_rpc_endpoint,
 )
 
 _DEFAULTS = HTTPProxyConfig()
@@ -36,15 +37,17 @@ def _byte_count(value: str) -> int:
 
 class Options(usage.Options):
     """
-    C{twistd credproxy [--http ENDPOINT]... [--upstream URL]
+    C{twistd credproxy [--http ENDPOINT]... [--rpc ENDPOINT]... [--upstream URL]
     [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]}
     """
 
     synopsis = "[options]"
     longdesc = (
-        "Serve the Anthropic Messages API with the real credential injected. Without --http "
-        "it listens on the Unix socket $XDG_RUNTIME_DIR/credproxy/http.sock. Credentials come "
-        "from ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN."
+        "Serve the Anthropic Messages API with the real credential injected (--http), and the "
+        "credential socket sandboxes ask for tokens and keys (--rpc). With neither option both "
+        "run, on the Unix sockets http.sock and cred.sock in $XDG_RUNTIME_DIR/credproxy; naming "
+        "either runs only the faces named. Credentials come from ANTHROPIC_API_KEY or "
+        "CLAUDE_CODE_OAUTH_TOKEN."
     )
 
     optParameters: list[list[Any]] = [
@@ -60,7 +63,8 @@ class Options(usage.Options):
             "capability-token-file",
             None,
             None,
-            "File holding the capability token agents must present (whitespace ignored).",
+            "File holding the capability token agents must present (whitespace ignored). "
+            "The credential socket then serves only sandbox connections that present it.",
         ],
         ["grace", None, DEFAULT_GRACE, "Seconds in-flight streams may finish at stop.", float],
     ]
@@ -68,6 +72,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["http"] = []
+        self["rpc"] = []
         self["allow-uid"] = []
 
     def opt_http(self, endpoint: str) -> None:
@@ -76,6 +81,13 @@ class Options(usage.Options):
         e.g. unix:address=/run/user/1000/credproxy/http.sock or tcp:port=8787:interface=127.0.0.1
         """
         self["http"].append(endpoint)
+
+    def opt_rpc(self, endpoint: str) -> None:
+        """
+        Serve the credential socket on a Twisted server endpoint string (repeatable),
+        e.g. unix:address=/run/user/1000/credproxy/cred.sock
+        """
+        self["rpc"].append(endpoint)
 
     def opt_allow_uid(self, uid: str) -> None:
         """
@@ -107,9 +119,10 @@ class Options(usage.Options):
                 detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 raise usage.UsageError(f"cannot read --capability-token-file: {detail}") from None
         self["capability-token"] = token
-        if not self["http"]:
+        if not self["http"] and not self["rpc"]:
             self["http"] = [default_http_endpoint()]
-        for endpoint in self["http"]:
+            self["rpc"] = [default_rpc_endpoint()]
+        for endpoint in (*self["http"], *self["rpc"]):
             try:
                 parse_unix_description(endpoint)
             except ListenError as e:
@@ -127,6 +140,7 @@ class Options(usage.Options):
         token: Secret | None = self["capability-token"]
         return CredproxyConfig(
             http_endpoints=tuple(self["http"]),
+            rpc_endpoints=tuple(self["rpc"]),
             http=HTTPProxyConfig(
                 upstream=self["upstream"],
                 max_body=self["max-body"],

@@ -48,15 +48,27 @@ def test_defaults_listen_on_a_private_unix_socket(
 
 def test_repeatable_options() -> None:
     config = parse(
-        "--http", "unix:address=/tmp/a.sock",
-        "--http", "unix:address=/tmp/b.sock",
-        "--allow-uid", "1001", "--allow-uid", "1002",
-        "--upstream", "http://127.0.0.1:9/", "--max-body", "1024", "--grace", "2.5",
+        "--http",
+        "unix:address=/tmp/a.sock",
+        "--http",
+        "unix:address=/tmp/b.sock",
+        "--allow-uid",
+        "1001",
+        "--allow-uid",
+        "1002",
+        "--upstream",
+        "http://127.0.0.1:9/",
+        "--max-body",
+        "1024",
+        "--grace",
+        "2.5",
     ).config()
     assert len(config.http_endpoints) == 2
     assert config.http.allowed_uids == frozenset({os.getuid(), 1001, 1002})
     assert (config.http.upstream, config.http.max_body, config.grace) == (
-        "http://127.0.0.1:9/", 1024, 2.5,
+        "http://127.0.0.1:9/",
+        1024,
+        2.5,
     )
 
 
@@ -112,5 +124,39 @@ def test_make_service_builds_the_face_on_the_given_reactor(
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
     service = makeService(parse(), reactor=MemoryReactorClock())
     assert isinstance(service, CredproxyService)
-    assert service.http_face is not None
-    assert len(service.listening_services()) == 1
+    assert service.http_face is not None and service.rpc_face is not None
+    assert len(service.listening_services()) == 2
+
+
+def _paths(endpoints: tuple[str, ...]) -> list[str]:
+    return [parse_unix_description(e).path for e in endpoints]  # type: ignore[union-attr]
+
+
+def test_neither_face_named_runs_both_on_their_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/4242")
+    config = parse().config()
+    assert _paths(config.http_endpoints) == ["/run/user/4242/credproxy/http.sock"]
+    assert _paths(config.rpc_endpoints) == ["/run/user/4242/credproxy/cred.sock"]
+
+
+def test_naming_one_face_runs_only_that_one() -> None:
+    only_http = parse("--http", "unix:address=/tmp/h.sock").config()
+    assert (_paths(only_http.http_endpoints), only_http.rpc_endpoints) == (["/tmp/h.sock"], ())
+    only_rpc = parse("--rpc", "unix:address=/tmp/c.sock", "--rpc", "unix:address=/tmp/d.sock")
+    config = only_rpc.config()
+    assert (config.http_endpoints, _paths(config.rpc_endpoints)) == (
+        (),
+        ["/tmp/c.sock", "/tmp/d.sock"],
+    )
+    service = makeService(only_rpc, reactor=MemoryReactorClock())
+    assert isinstance(service, CredproxyService)
+    assert service.http_face is None and service.rpc_face is not None
+
+
+def test_credential_socket_on_tcp_needs_the_capability_token(token_file: str) -> None:
+    with pytest.raises(UsageError, match="without a capability token"):
+        parse("--rpc", "tcp:port=8788:interface=127.0.0.1")
+    config = parse(
+        "--capability-token-file", token_file, "--rpc", "tcp:port=0:interface=127.0.0.1"
+    ).config()
+    assert config.rpc_endpoints == ("tcp:port=0:interface=127.0.0.1",)

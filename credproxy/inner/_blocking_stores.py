@@ -21,7 +21,9 @@ _T = TypeVar("_T")
 
 
 def _unless_not_found(
-    client: BlockingProxySocketClient, op: Op, payload: dict[str, Any],
+    client: BlockingProxySocketClient,
+    op: Op,
+    payload: dict[str, Any],
     convert: Callable[[dict[str, Any]], _T],
 ) -> _T | None:
     """
@@ -67,7 +69,9 @@ class BlockingProxyTokenStore:
     def get_bucket_stats(self, provider: str, bucket: str | None = None) -> BucketStats | None:
         payload = _answers.provider_payload(provider, bucket)
         return _unless_not_found(
-            self.client, Op.GET_BUCKET_STATS, payload,
+            self.client,
+            Op.GET_BUCKET_STATS,
+            payload,
             lambda data: _answers.to_bucket_stats(data, bucket),
         )
 

@@ -30,7 +30,26 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(name)
 
 
-_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+# JavaScript has one number type: 2.0 and 2 are the same value, and
+# JSON.stringify writes both as "2". Integral floats become ints on the way
+# in and out, so what we echo is byte-identical to what llxprt would send.
+_SAFE_INTEGER: Final = 2**53
+
+
+def js_number(value: float) -> int | float:
+    """
+    C{value} as JavaScript would write it: integral values without a fraction.
+    """
+    if value.is_integer() and abs(value) < _SAFE_INTEGER:
+        return int(value)
+    return value
+
+
+def _parse_float(literal: str) -> int | float:
+    return js_number(float(literal))
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
 
 
 def encode_json(message: Mapping[str, Any]) -> bytes:

@@ -20,6 +20,7 @@ from twisted.internet.defer import DeferredLock
 
 from credproxy.broker.tokens import merge_saved, sanitize
 from credproxy.stores._interfaces import DEFAULT_BUCKET, IProviderKeyStore, ITokenStore
+from credproxy.wire._codec import js_number
 from credproxy.wire._spec import ErrorCode, Message, Op
 
 
@@ -208,7 +209,7 @@ async def get_bucket_stats(ctx: OpContext, payload: Payload, record: AuditRecord
     data: dict[str, Any] = {
         "bucket": stats.bucket,
         "requestCount": stats.request_count,
-        "percentage": stats.percentage,
+        "percentage": js_number(stats.percentage),
     }
     if stats.last_used is not None:
         data["lastUsed"] = round(stats.last_used * 1000)  # JavaScript time: milliseconds

@@ -54,8 +54,10 @@ class SlowMessages(Resource):
 
     def render_POST(self, request: Request) -> object:
         self.recorded.headers.append(
-            {k.decode().lower(): v[0].decode()
-             for k, v in request.requestHeaders.getAllRawHeaders()}
+            {
+                k.decode().lower(): v[0].decode()
+                for k, v in request.requestHeaders.getAllRawHeaders()
+            }
         )
         request.setHeader(b"content-type", b"text/event-stream")
         events = [
@@ -100,6 +102,10 @@ class Running:
     @property
     def http_sock(self) -> str:
         return os.path.join(self.runtime, "credproxy", "http.sock")
+
+    @property
+    def cred_sock(self) -> str:
+        return os.path.join(self.runtime, "credproxy", "cred.sock")
 
     def output(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -174,13 +180,22 @@ def post_messages(path: str) -> tuple[int, bytes]:
     connection = UnixHTTPConnection(path)
     try:
         body = json.dumps(
-            {"model": "claude-test", "max_tokens": 5, "stream": True,
-             "messages": [{"role": "user", "content": "hi"}]}
+            {
+                "model": "claude-test",
+                "max_tokens": 5,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
         )
         connection.request(
-            "POST", "/v1/messages", body=body,
-            headers={"x-api-key": "placeholder", "content-type": "application/json",
-                     "anthropic-version": "2023-06-01"},
+            "POST",
+            "/v1/messages",
+            body=body,
+            headers={
+                "x-api-key": "placeholder",
+                "content-type": "application/json",
+                "anthropic-version": "2023-06-01",
+            },
         )
         response = connection.getresponse()
         return response.status, response.read()
@@ -189,9 +204,7 @@ def post_messages(path: str) -> tuple[int, bytes]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_serves_and_stops_cleanly_on_sigterm(
-    upstream: Upstream, runtime: str
-) -> None:
+async def test_serves_and_stops_cleanly_on_sigterm(upstream: Upstream, runtime: str) -> None:
     running = start(runtime, "--upstream", upstream.url)
     try:
         await wait_serving(running, running.http_sock)
@@ -220,8 +233,15 @@ async def test_serves_and_stops_cleanly_on_sigterm(
 @pytest_twisted.ensureDeferred
 async def test_sigterm_lets_an_inflight_stream_finish(upstream: Upstream, runtime: str) -> None:
     upstream.resource.delay = 1.5
-    running = start(runtime, "--upstream", upstream.url, "--http",
-                    f"unix:address={runtime}/h.sock", "--grace", "10")
+    running = start(
+        runtime,
+        "--upstream",
+        upstream.url,
+        "--http",
+        f"unix:address={runtime}/h.sock",
+        "--grace",
+        "10",
+    )
     try:
         await wait_serving(running, f"{runtime}/h.sock")
         answer = deferToThread(post_messages, f"{runtime}/h.sock")
@@ -292,9 +312,12 @@ async def test_a_bind_failure_on_the_second_face_cleans_up_the_first(runtime: st
     try:
         running = start(
             runtime,
-            "--capability-token-file", token_path,
-            "--http", f"unix:address={runtime}/first.sock",
-            "--http", f"tcp:port={port}:interface=127.0.0.1",
+            "--capability-token-file",
+            token_path,
+            "--http",
+            f"unix:address={runtime}/first.sock",
+            "--http",
+            f"tcp:port={port}:interface=127.0.0.1",
         )
         assert await wait_exit(running) != 0
         output = running.output()
@@ -310,3 +333,79 @@ async def test_tcp_without_a_capability_token_is_refused(runtime: str) -> None:
     running = start(runtime, "--http", "tcp:port=0:interface=127.0.0.1")
     assert await wait_exit(running) != 0
     assert "without a capability token" in running.output()
+
+
+def credential_session(path: str, token: str | None = None) -> list[object]:
+    """
+    A host's (or, with C{token}, a sandbox's) few requests over the blocking client.
+    """
+    from credproxy._secret import Secret
+    from credproxy.wire import BlockingProxySocketClient, ProxyRequestError
+
+    outcomes: list[object] = []
+    with BlockingProxySocketClient(
+        path, capability_token=Secret(token) if token else None, request_timeout=10
+    ) as client:
+        for op, payload in (
+            (
+                "save_token",
+                {
+                    "provider": "anthropic",
+                    "token": {"access_token": "acc-twistd", "refresh_token": "ref-twistd"},
+                },
+            ),
+            ("get_token", {"provider": "anthropic"}),
+            ("list_providers", {}),
+        ):
+            try:
+                outcomes.append(client.request(op, payload))
+            except ProxyRequestError as e:
+                outcomes.append(e.code)
+    return outcomes
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_faces_by_default_and_the_credential_socket_answers(runtime: str) -> None:
+    running = start(runtime)
+    try:
+        await wait_serving(running, running.http_sock, running.cred_sock)
+        assert stat.S_IMODE(os.stat(running.cred_sock).st_mode) == 0o600
+        outcomes = await deferToThread(credential_session, running.cred_sock)
+        assert outcomes == [{}, {"access_token": "acc-twistd"}, {"providers": ["anthropic"]}]
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(running) in STOPPED_BY_SIGTERM
+        assert not os.path.exists(running.cred_sock)
+        assert not os.path.exists(running.http_sock)
+        output = running.output()
+        assert "credential socket conn=1 op=get_token provider=anthropic" in output
+        for secret in ("acc-twistd", "ref-twistd"):
+            assert secret not in output
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpc_only_with_a_capability_token_serves_sandboxes(runtime: str) -> None:
+    token = "5a" * 32
+    token_path = os.path.join(runtime, "token")
+    with open(token_path, "w") as f:
+        f.write(token)
+    cred = os.path.join(runtime, "c.sock")
+    running = start(runtime, "--rpc", f"unix:address={cred}", "--capability-token-file", token_path)
+    try:
+        await wait_serving(running, cred)
+        assert not os.path.exists(running.http_sock)
+        outcomes = await deferToThread(credential_session, cred, token)
+        assert outcomes == ["FORBIDDEN", "FORBIDDEN", {"providers": []}]
+        refused = await deferToThread(credential_session, cred)
+        assert refused == ["UNAUTHORIZED"] * 3
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(running) in STOPPED_BY_SIGTERM
+        assert not os.path.exists(cred)
+        assert token not in running.output()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()

@@ -67,8 +67,10 @@ def test_round_trip_and_handshake(
     assert server.handshakes == []  # lazy
     assert client.request("echo", {"a": 1}) == {"echo": {"a": 1}}
     assert server.handshakes == [
-        ('{"v":2,"op":"handshake","payload":{"minVersion":1,"maxVersion":2,'
-         f'"capabilityToken":"{TOKEN}"}}}}').encode()
+        (
+            '{"v":2,"op":"handshake","payload":{"minVersion":1,"maxVersion":2,'
+            f'"capabilityToken":"{TOKEN}"}}}}'
+        ).encode()
     ]
     assert client.version == 2
     (sent,) = server.requests
@@ -97,8 +99,13 @@ def test_version_1(
 def test_handshake_rejected(
     server: ThreadedFakeServer, make_client: Callable[..., BlockingProxySocketClient]
 ) -> None:
-    server.handshake_reply = {"v": 2, "op": "handshake", "ok": False, "code": "UNAUTHORIZED",
-                              "error": Message.BAD_CAPABILITY_TOKEN}
+    server.handshake_reply = {
+        "v": 2,
+        "op": "handshake",
+        "ok": False,
+        "code": "UNAUTHORIZED",
+        "error": Message.BAD_CAPABILITY_TOKEN,
+    }
     with pytest.raises(ProxyRequestError) as caught:
         make_client(capability_token=Secret(TOKEN)).request("echo")
     assert caught.value.code == "UNAUTHORIZED"
@@ -226,8 +233,10 @@ def test_many_threads_share_one_connection(
 def test_out_of_order_answers(make_client: Callable[..., BlockingProxySocketClient]) -> None:
     client = make_client()
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(client.request, "delay", {"seconds": s, "n": n})
-                   for n, s in enumerate((0.4, 0.3, 0.2, 0.0))]
+        futures = [
+            pool.submit(client.request, "delay", {"seconds": s, "n": n})
+            for n, s in enumerate((0.4, 0.3, 0.2, 0.0))
+        ]
         results = [f.result(5) for f in futures]
     assert [r["echo"]["n"] for r in results] == [0, 1, 2, 3]
 

@@ -38,13 +38,16 @@ class ClientTestCase(SynchronousTestCase):
         self.endpoint = FakeEndpoint()
         self.client = ProxySocketClient(self.clock, self.endpoint)
 
-    def request(self, op: str = "get_token", payload: dict[str, Any] | None = None,
-                **kwargs: Any) -> Deferred[dict[str, Any]]:
-        return self.client.request(op, payload if payload is not None else {"provider": "p"},
-                                   **kwargs)
+    def request(
+        self, op: str = "get_token", payload: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Deferred[dict[str, Any]]:
+        return self.client.request(
+            op, payload if payload is not None else {"provider": "p"}, **kwargs
+        )
 
-    def started(self, version: int = 2, **kwargs: Any) -> tuple[
-            Deferred[dict[str, Any]], FakeServerConnection, dict[str, Any]]:
+    def started(
+        self, version: int = 2, **kwargs: Any
+    ) -> tuple[Deferred[dict[str, Any]], FakeServerConnection, dict[str, Any]]:
         d = self.request(**kwargs)
         server = self.endpoint.last
         server.accept(version)
@@ -70,8 +73,10 @@ class HandshakeTests(ClientTestCase):
     def test_handshake_bytes_with_token(self) -> None:
         client = ProxySocketClient(self.clock, self.endpoint, capability_token=Secret(TOKEN))
         client.request("list_providers")
-        body = ('{"v":2,"op":"handshake","payload":{"minVersion":1,"maxVersion":2,'
-                f'"capabilityToken":"{TOKEN}"}}}}').encode()
+        body = (
+            '{"v":2,"op":"handshake","payload":{"minVersion":1,"maxVersion":2,'
+            f'"capabilityToken":"{TOKEN}"}}}}'
+        ).encode()
         self.assertEqual(self.endpoint.last.raw(), struct.pack(">I", len(body)) + body)
 
     def test_requests_wait_for_the_handshake(self) -> None:
@@ -112,12 +117,20 @@ class HandshakeTests(ClientTestCase):
     def test_rejection_surfaces_code(self) -> None:
         d1, d2 = self.request(), self.request()
         server = self.endpoint.last
-        server.send({"v": 2, "op": "handshake", "ok": False, "code": "UNAUTHORIZED",
-                     "error": "Invalid or missing capability token"})
+        server.send(
+            {
+                "v": 2,
+                "op": "handshake",
+                "ok": False,
+                "code": "UNAUTHORIZED",
+                "error": "Invalid or missing capability token",
+            }
+        )
         for d in (d1, d2):
             error = self.failureResultOf(d, ProxyRequestError).value
-            self.assertEqual((error.code, str(error)),
-                             ("UNAUTHORIZED", "Invalid or missing capability token"))
+            self.assertEqual(
+                (error.code, str(error)), ("UNAUTHORIZED", "Invalid or missing capability token")
+            )
         self.assertTrue(server.client_closed)
         server.deliver_close()
         self.request()
@@ -126,8 +139,15 @@ class HandshakeTests(ClientTestCase):
 
     def test_unknown_version_rejection(self) -> None:
         d = self.request()
-        self.endpoint.last.send({"v": 2, "op": "handshake", "ok": False,
-                                 "code": "UNKNOWN_VERSION", "error": Message.UNSUPPORTED_VERSION})
+        self.endpoint.last.send(
+            {
+                "v": 2,
+                "op": "handshake",
+                "ok": False,
+                "code": "UNKNOWN_VERSION",
+                "error": Message.UNSUPPORTED_VERSION,
+            }
+        )
         self.assertEqual(self.failureResultOf(d, ProxyRequestError).value.code, "UNKNOWN_VERSION")
 
     def test_unsupported_version_number(self) -> None:
@@ -148,8 +168,9 @@ class HandshakeTests(ClientTestCase):
     def test_connect_refused(self) -> None:
         self.endpoint.refuse = True
         d = self.request()
-        self.assertEqual(str(self.failureResultOf(d, ProxyConnectionLost).value),
-                         Message.CONNECTION_LOST)
+        self.assertEqual(
+            str(self.failureResultOf(d, ProxyConnectionLost).value), Message.CONNECTION_LOST
+        )
         self.endpoint.refuse = False
         self.request()
         self.assertEqual(len(self.endpoint.connections), 1)
@@ -173,11 +194,19 @@ class RequestTests(ClientTestCase):
 
     def test_failure_answer(self) -> None:
         d, server, sent = self.started()
-        server.send({"id": sent["id"], "ok": False, "code": "RATE_LIMITED", "error": "slow down",
-                     "retryAfter": 12})
+        server.send(
+            {
+                "id": sent["id"],
+                "ok": False,
+                "code": "RATE_LIMITED",
+                "error": "slow down",
+                "retryAfter": 12,
+            }
+        )
         error = self.failureResultOf(d, ProxyRequestError).value
-        self.assertEqual((error.code, error.message, error.retry_after),
-                         ("RATE_LIMITED", "slow down", 12.0))
+        self.assertEqual(
+            (error.code, error.message, error.retry_after), ("RATE_LIMITED", "slow down", 12.0)
+        )
         self.assertEqual(str(error), "slow down")
 
     def test_ids_are_unique_uuid4(self) -> None:
@@ -198,8 +227,9 @@ class RequestTests(ClientTestCase):
         sent = server.read()
         for message in reversed(sent):
             server.answer(message, {"echo": message["payload"]["provider"]})
-        self.assertEqual([self.successResultOf(d) for d in ds],
-                         [{"echo": "0"}, {"echo": "1"}, {"echo": "2"}])
+        self.assertEqual(
+            [self.successResultOf(d) for d in ds], [{"echo": "0"}, {"echo": "1"}, {"echo": "2"}]
+        )
 
     def test_payload_defaults_to_empty_object(self) -> None:
         self.client.request("list_providers")
@@ -221,8 +251,11 @@ class RequestTests(ClientTestCase):
         server = self.endpoint.last
         server.accept()
         sent = server.read()
-        server.send_bytes(b"".join(
-            frame({"id": m["id"], "ok": True, "data": {"n": i}}) for i, m in enumerate(sent)))
+        server.send_bytes(
+            b"".join(
+                frame({"id": m["id"], "ok": True, "data": {"n": i}}) for i, m in enumerate(sent)
+            )
+        )
         self.assertEqual([self.successResultOf(d)["n"] for d in ds], [0, 1, 2])
 
     def test_byte_at_a_time(self) -> None:
@@ -460,8 +493,9 @@ class LimitTests(ClientTestCase):
         server.send_bytes(data.replace(b"ID", sent["id"].encode()))
         self.assertTrue(server.transport.disconnected, data[:60])
         server.deliver_close()
-        self.assertEqual(str(self.failureResultOf(d, ProxyConnectionLost).value),
-                         Message.CONNECTION_LOST)
+        self.assertEqual(
+            str(self.failureResultOf(d, ProxyConnectionLost).value), Message.CONNECTION_LOST
+        )
 
     def test_oversized_inbound_v1(self) -> None:
         self.assertDropped(struct.pack(">I", MAX_FRAME_V1 + 1), version=1)
@@ -516,8 +550,14 @@ class SecrecyTests(ClientTestCase):
         failures: list[Failure] = []
         d = client.request("get_token", {"provider": "p"})
         d.addErrback(failures.append)
-        self.endpoint.last.send({"op": "handshake", "ok": False, "code": "UNAUTHORIZED",
-                                 "error": Message.BAD_CAPABILITY_TOKEN})
+        self.endpoint.last.send(
+            {
+                "op": "handshake",
+                "ok": False,
+                "code": "UNAUTHORIZED",
+                "error": Message.BAD_CAPABILITY_TOKEN,
+            }
+        )
         d = client.request("get_token", {"provider": "p"})
         d.addErrback(failures.append)
         self.endpoint.last.accept()

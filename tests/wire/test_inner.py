@@ -85,9 +85,11 @@ class TokenStoreTests(StoreTestCase):
     def test_get_token(self) -> None:
         request, token = self.exchange(
             self.tokens.get_token("anthropic"),
-            {"access_token": ACCESS, "expiry": 1700000000, "token_type": "Bearer"})
-        self.assertEqual((request["op"], request["payload"]),
-                         ("get_token", {"provider": "anthropic"}))
+            {"access_token": ACCESS, "expiry": 1700000000, "token_type": "Bearer"},
+        )
+        self.assertEqual(
+            (request["op"], request["payload"]), ("get_token", {"provider": "anthropic"})
+        )
         self.assertIsInstance(token, Token)
         self.assertEqual(token["access_token"], ACCESS)
         self.assertNotIn(ACCESS, repr(token))
@@ -97,13 +99,15 @@ class TokenStoreTests(StoreTestCase):
         self.assertEqual(request["payload"], {"provider": "p", "bucket": "work"})
 
     def test_get_token_drops_a_refresh_token(self) -> None:
-        _, token = self.exchange(self.tokens.get_token("p"),
-                                 {"access_token": ACCESS, "refresh_token": REFRESH})
+        _, token = self.exchange(
+            self.tokens.get_token("p"), {"access_token": ACCESS, "refresh_token": REFRESH}
+        )
         self.assertNotIn("refresh_token", token)
 
     def test_get_token_not_found_is_none(self) -> None:
-        _, d = self.refused(self.tokens.get_token("p"), "NOT_FOUND",
-                            "No token found for provider: p")
+        _, d = self.refused(
+            self.tokens.get_token("p"), "NOT_FOUND", "No token found for provider: p"
+        )
         self.assertIsNone(self.successResultOf(d))
 
     def test_get_token_forbidden_fails(self) -> None:
@@ -114,47 +118,61 @@ class TokenStoreTests(StoreTestCase):
         token = Token({"access_token": ACCESS, "refresh_token": REFRESH, "expiry": 5})
         request, result = self.exchange(self.tokens.save_token("p", token, "b"), {})
         self.assertEqual(request["op"], "save_token")
-        self.assertEqual(request["payload"], {"provider": "p", "bucket": "b",
-                                              "token": token.to_json()})
+        self.assertEqual(
+            request["payload"], {"provider": "p", "bucket": "b", "token": token.to_json()}
+        )
         self.assertIsNone(result)
 
     def test_save_token_forbidden(self) -> None:
-        _, d = self.refused(self.tokens.save_token("p", Token({"access_token": ACCESS})),
-                            "FORBIDDEN", Message.ACCESS_DENIED)
+        _, d = self.refused(
+            self.tokens.save_token("p", Token({"access_token": ACCESS})),
+            "FORBIDDEN",
+            Message.ACCESS_DENIED,
+        )
         error = self.failureResultOf(d, ProxyRequestError).value
         self.assertNotIn(ACCESS, repr(error) + str(error))
 
     def test_remove_token(self) -> None:
         request, result = self.exchange(self.tokens.remove_token("p"), {})
-        self.assertEqual((request["op"], request["payload"], result),
-                         ("remove_token", {"provider": "p"}, None))
+        self.assertEqual(
+            (request["op"], request["payload"], result), ("remove_token", {"provider": "p"}, None)
+        )
 
     def test_list_providers(self) -> None:
         request, result = self.exchange(self.tokens.list_providers(), {"providers": ["a", "b"]})
-        self.assertEqual((request["op"], request["payload"], result),
-                         ("list_providers", {}, ["a", "b"]))
+        self.assertEqual(
+            (request["op"], request["payload"], result), ("list_providers", {}, ["a", "b"])
+        )
 
     def test_list_buckets(self) -> None:
         request, result = self.exchange(self.tokens.list_buckets("p"), {"buckets": ["default"]})
-        self.assertEqual((request["op"], request["payload"], result),
-                         ("list_buckets", {"provider": "p"}, ["default"]))
+        self.assertEqual(
+            (request["op"], request["payload"], result),
+            ("list_buckets", {"provider": "p"}, ["default"]),
+        )
 
     def test_bucket_stats(self) -> None:
         request, stats = self.exchange(
             self.tokens.get_bucket_stats("p", "b"),
-            {"bucket": "b", "requestCount": 3, "percentage": 12.5, "lastUsed": 1700000000})
-        self.assertEqual((request["op"], request["payload"]),
-                         ("get_bucket_stats", {"provider": "p", "bucket": "b"}))
+            {"bucket": "b", "requestCount": 3, "percentage": 12.5, "lastUsed": 1700000000},
+        )
+        self.assertEqual(
+            (request["op"], request["payload"]),
+            ("get_bucket_stats", {"provider": "p", "bucket": "b"}),
+        )
         self.assertEqual(stats, BucketStats("b", 3, 12.5, 1700000000.0))
 
     def test_bucket_stats_sandbox_zeros(self) -> None:
-        _, stats = self.exchange(self.tokens.get_bucket_stats("p"),
-                                 {"bucket": "default", "requestCount": 0, "percentage": 0})
+        _, stats = self.exchange(
+            self.tokens.get_bucket_stats("p"),
+            {"bucket": "default", "requestCount": 0, "percentage": 0},
+        )
         self.assertEqual(stats, BucketStats("default", 0, 0.0, None))
 
     def test_bucket_stats_not_found(self) -> None:
-        _, d = self.refused(self.tokens.get_bucket_stats("p"), "NOT_FOUND",
-                            "No stats found for p/default")
+        _, d = self.refused(
+            self.tokens.get_bucket_stats("p"), "NOT_FOUND", "No stats found for p/default"
+        )
         self.assertIsNone(self.successResultOf(d))
 
 
@@ -183,8 +201,9 @@ class KeyStoreTests(StoreTestCase):
 
     def test_get_key(self) -> None:
         request, key = self.exchange(self.keys.get_key("anthropic"), {"key": KEY})
-        self.assertEqual((request["op"], request["payload"]),
-                         ("get_api_key", {"name": "anthropic"}))
+        self.assertEqual(
+            (request["op"], request["payload"]), ("get_api_key", {"name": "anthropic"})
+        )
         self.assertIsInstance(key, Secret)
         self.assertEqual(key.reveal(), KEY)
         self.assertNotIn(KEY, repr(key))
@@ -203,15 +222,17 @@ class KeyStoreTests(StoreTestCase):
 
     def test_has_key(self) -> None:
         request, exists = self.exchange(self.keys.has_key("a"), {"exists": True})
-        self.assertEqual((request["op"], request["payload"], exists),
-                         ("has_api_key", {"name": "a"}, True))
+        self.assertEqual(
+            (request["op"], request["payload"], exists), ("has_api_key", {"name": "a"}, True)
+        )
 
     def test_save_and_delete_refused_locally(self) -> None:
         for d in (self.keys.save_key("k", Secret(KEY)), self.keys.delete_key("k")):
             error = self.failureResultOf(d, SandboxKeyManagementError).value
             self.assertEqual(
                 str(error),
-                "API key management is not available in sandbox mode. Manage keys on the host.")
+                "API key management is not available in sandbox mode. Manage keys on the host.",
+            )
             self.assertNotIn(KEY, repr(error))
         self.assertEqual(self.endpoint.connections, [])
 
@@ -249,14 +270,16 @@ def test_blocking_token_store(
     server: ThreadedFakeServer, client: BlockingProxySocketClient
 ) -> None:
     store = BlockingProxyTokenStore(client)
-    server.scripted.update({
-        "get_token": ok({"access_token": ACCESS, "refresh_token": REFRESH}),
-        "save_token": ok({}),
-        "remove_token": ok({}),
-        "list_providers": ok({"providers": ["a"]}),
-        "list_buckets": ok({"buckets": ["default", "w"]}),
-        "get_bucket_stats": ok({"bucket": "w", "requestCount": 2, "percentage": 1}),
-    })
+    server.scripted.update(
+        {
+            "get_token": ok({"access_token": ACCESS, "refresh_token": REFRESH}),
+            "save_token": ok({}),
+            "remove_token": ok({}),
+            "list_providers": ok({"providers": ["a"]}),
+            "list_buckets": ok({"buckets": ["default", "w"]}),
+            "get_bucket_stats": ok({"bucket": "w", "requestCount": 2, "percentage": 1}),
+        }
+    )
     token = store.get_token("a", "w")
     assert token is not None and dict(token) == {"access_token": ACCESS}
     store.save_token("a", Token({"access_token": ACCESS}))
@@ -293,11 +316,13 @@ def test_blocking_key_storage(
     server: ThreadedFakeServer, client: BlockingProxySocketClient
 ) -> None:
     keys = BlockingProxyProviderKeyStorage(client)
-    server.scripted.update({
-        "get_api_key": ok({"key": KEY}),
-        "list_api_keys": ok({"keys": ["k"]}),
-        "has_api_key": ok({"exists": False}),
-    })
+    server.scripted.update(
+        {
+            "get_api_key": ok({"key": KEY}),
+            "list_api_keys": ok({"keys": ["k"]}),
+            "has_api_key": ok({"exists": False}),
+        }
+    )
     key = keys.get_key("k")
     assert key is not None and key.reveal() == KEY and KEY not in repr(key)
     assert keys.list_keys() == ["k"]
@@ -308,7 +333,11 @@ def test_blocking_key_storage(
         with pytest.raises(SandboxKeyManagementError, match=r"^API key management is not"):
             call()
     assert [m["op"] for m in server.requests] == [
-        "get_api_key", "list_api_keys", "has_api_key", "get_api_key"]
+        "get_api_key",
+        "list_api_keys",
+        "has_api_key",
+        "get_api_key",
+    ]
 
 
 # -- environment ---------------------------------------------------------------
@@ -317,10 +346,14 @@ def test_blocking_key_storage(
 def test_socket_path_from_environment() -> None:
     assert socket_path_from_environment({}) is None
     assert socket_path_from_environment({"CREDPROXY_SOCKET": "/b"}) == "/b"
-    assert socket_path_from_environment(
-        {"LLXPRT_CREDENTIAL_SOCKET": "/a", "CREDPROXY_SOCKET": "/b"}) == "/a"
-    assert socket_path_from_environment(
-        {"LLXPRT_CREDENTIAL_SOCKET": "", "CREDPROXY_SOCKET": "/b"}) == "/b"
+    assert (
+        socket_path_from_environment({"LLXPRT_CREDENTIAL_SOCKET": "/a", "CREDPROXY_SOCKET": "/b"})
+        == "/a"
+    )
+    assert (
+        socket_path_from_environment({"LLXPRT_CREDENTIAL_SOCKET": "", "CREDPROXY_SOCKET": "/b"})
+        == "/b"
+    )
 
 
 def test_take_token_from_file(tmp_path: Any) -> None:
@@ -365,7 +398,10 @@ def test_child_processes_inherit_no_token_pointer(
     assert token is not None
     child = subprocess.run(
         [sys.executable, "-c", "import os; print(sorted(os.environ))"],
-        capture_output=True, text=True, check=True)
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert CAPABILITY_TOKEN_FILE_ENV not in child.stdout
     assert CAPABILITY_TOKEN_FD_ENV not in child.stdout
     assert CAPABILITY not in child.stdout

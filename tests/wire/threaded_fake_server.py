@@ -95,8 +95,9 @@ class _Peer:
                 self.open.discard(target)
             self.send({"id": rid, "ok": True, "data": {"cancelled": found}})
             if found:
-                self.send({"id": target, "ok": False, "code": "CANCELLED",
-                           "error": "Operation cancelled"})
+                self.send(
+                    {"id": target, "ok": False, "code": "CANCELLED", "error": "Operation cancelled"}
+                )
             return
         with self.server.lock:
             self.open.add(rid)
@@ -133,7 +134,11 @@ class ThreadedFakeServer:
         self.scripted: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.closed_peers = 0
         self.handshake_reply: dict[str, Any] = {
-            "v": 2, "op": "handshake", "ok": True, "data": {"version": 2}}
+            "v": 2,
+            "op": "handshake",
+            "ok": True,
+            "data": {"version": 2},
+        }
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(64)

@@ -65,6 +65,14 @@ def sanitize(token: Token) -> Token:
     return Token({k: v for k, v in token.items() if k != REFRESH_TOKEN_FIELD})
 
 
+def sanitized_fields(token: Token) -> dict[str, Any]:
+    """
+    The fields L{sanitize} keeps, as a shallow dict to be encoded at once
+    (for answers: no deep copy, since nothing holds on to it).
+    """
+    return {k: v for k, v in token._fields.items() if k != REFRESH_TOKEN_FIELD}
+
+
 def merge_saved(stored: Token | None, incoming: Mapping[str, Any]) -> Token:
     """
     The token to store after C{save_token} over the credential socket: the

@@ -23,6 +23,8 @@ _NAME_LIMIT: Final = 128
 def printable(name: str | None) -> str | None:
     if name is None:
         return None
+    if len(name) <= _NAME_LIMIT and name.isascii() and name.isprintable():
+        return name  # the usual case, checked in C
     shown = name[:_NAME_LIMIT].encode("ascii", "backslashreplace").decode("ascii")
     shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
     return shown + "..." if len(name) > _NAME_LIMIT else shown

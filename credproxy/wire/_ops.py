@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from twisted.internet.defer import DeferredLock
 
-from credproxy.broker.tokens import merge_saved, sanitize
+from credproxy.broker.tokens import merge_saved, sanitized_fields
 from credproxy.stores._interfaces import DEFAULT_BUCKET, IProviderKeyStore, ITokenStore
 from credproxy.wire._codec import js_number
 from credproxy.wire._spec import ErrorCode, Message, Op
@@ -147,7 +147,7 @@ async def get_token(ctx: OpContext, payload: Payload, record: AuditRecord) -> di
             raise OpFailure(
                 ErrorCode.NOT_FOUND, f"No token found for provider: {provider}", Status.NOT_FOUND
             )
-    return sanitize(token).to_json()
+    return sanitized_fields(token)
 
 
 async def save_token(ctx: OpContext, payload: Payload, record: AuditRecord) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def to_bucket_stats(data: dict[str, Any], bucket: str | None) -> BucketStats:
         bucket=answered if isinstance(answered, str) else (bucket or DEFAULT_BUCKET),
         request_count=int(number("requestCount")),
         percentage=float(number("percentage")),
-        last_used=float(last_used)
+        last_used=float(last_used) / 1000  # JavaScript time, in milliseconds
         if isinstance(last_used, int | float) and not isinstance(last_used, bool)
         else None,
     )

@@ -154,13 +154,13 @@ class TokenStoreTests(StoreTestCase):
     def test_bucket_stats(self) -> None:
         request, stats = self.exchange(
             self.tokens.get_bucket_stats("p", "b"),
-            {"bucket": "b", "requestCount": 3, "percentage": 12.5, "lastUsed": 1700000000},
+            {"bucket": "b", "requestCount": 3, "percentage": 12.5, "lastUsed": 1700000000500},
         )
         self.assertEqual(
             (request["op"], request["payload"]),
             ("get_bucket_stats", {"provider": "p", "bucket": "b"}),
         )
-        self.assertEqual(stats, BucketStats("b", 3, 12.5, 1700000000.0))
+        self.assertEqual(stats, BucketStats("b", 3, 12.5, 1700000000.5))  # ms on the wire
 
     def test_bucket_stats_sandbox_zeros(self) -> None:
         _, stats = self.exchange(

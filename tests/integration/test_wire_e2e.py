@@ -357,3 +357,14 @@ async def test_server_stop_under_a_waiting_blocking_client(
     host.start()
     token = await deferToThread(tokens.get_token, "anthropic")
     assert token is not None and token["access_token"] == ACCESS
+
+
+@pytest_twisted.ensureDeferred
+async def test_bucket_stats_round_trip_in_host_units(
+    make_host: MakeHost, clients: list[Any]
+) -> None:
+    host = await make_host()
+    host.tokens.inner.record_request("anthropic", "work", 1700000000.25)
+    tokens = ProxyTokenStore(twisted_client(clients, host))
+    stats = await tokens.get_bucket_stats("anthropic", "work")
+    assert stats == BucketStats("work", 1, 100.0, 1700000000.25)

@@ -46,15 +46,30 @@ def connection_event(connection: int, event: str, **details: object) -> None:
 
 
 def op_done(connection: int, record: AuditRecord, duration: float) -> None:
+    """
+    The op's line, rendered here in one f-string: a log observer then formats
+    a single field instead of eight, which is most of an audit line's cost
+    under twistd. The fields stay in the event for structured observers.
+    """
+    op = printable(record.op)
+    provider, bucket, key = (
+        printable(record.provider),
+        printable(record.bucket),
+        printable(record.key),
+    )
+    duration_ms = round(duration * 1000, 2)
     audit_log.info(
-        "credential socket conn={connection} op={op} provider={provider} bucket={bucket} "
-        "key={key} status={status} count={count} duration_ms={duration_ms}",
+        "{line}",
+        line=(
+            f"credential socket conn={connection} op={op} provider={provider} bucket={bucket} "
+            f"key={key} status={record.status} count={record.count} duration_ms={duration_ms}"
+        ),
         connection=connection,
-        op=printable(record.op),
-        provider=printable(record.provider),
-        bucket=printable(record.bucket),
-        key=printable(record.key),
+        op=op,
+        provider=provider,
+        bucket=bucket,
+        key=key,
         status=record.status,
         count=record.count,
-        duration_ms=round(duration * 1000, 2),
+        duration_ms=duration_ms,
     )

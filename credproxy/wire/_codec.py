@@ -7,17 +7,22 @@ Infinity, an object at the top).
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Mapping
-from typing import Any, Final, NoReturn
+from typing import Any, Final
+
+import orjson
 
 from credproxy.wire._spec import HEADER_SIZE
 
 LENGTH_PREFIX: Final = struct.Struct(">I")
 assert LENGTH_PREFIX.size == HEADER_SIZE
 
-_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# orjson rather than the standard library: it decodes a small frame about six
+# times as fast and encodes an answer about ten times as fast, and its JSON is
+# JavaScript's: strict on the way in (no NaN or Infinity literals, valid
+# UTF-8 only, nesting bounded at 1024), compact UTF-8 with NaN as null on the
+# way out.
 
 
 class NotAJSONObject(ValueError):
@@ -26,13 +31,9 @@ class NotAJSONObject(ValueError):
     """
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(name)
-
-
 # JavaScript has one number type: 2.0 and 2 are the same value, and
-# JSON.stringify writes both as "2". Integral floats become ints on the way
-# in and out, so what we echo is byte-identical to what llxprt would send.
+# JSON.stringify writes both as "2". Numbers credproxy computes go through
+# js_number, so what it writes is byte-identical to what llxprt would send.
 _SAFE_INTEGER: Final = 2**53
 
 
@@ -45,22 +46,14 @@ def js_number(value: float) -> int | float:
     return value
 
 
-def _parse_float(literal: str) -> int | float:
-    return js_number(float(literal))
-
-
-_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
-
-
 def encode_json(message: Mapping[str, Any]) -> bytes:
     """
     A frame body: compact UTF-8 JSON, byte-identical to C{JSON.stringify}
     for the values credproxy sends.
 
-    @raise ValueError: for values JSON cannot carry (NaN, Infinity).
     @raise TypeError: for values that are not JSON types.
     """
-    return _ENCODER.encode(message).encode("utf-8")
+    return orjson.dumps(message)
 
 
 def decode_json_object(body: bytes) -> dict[str, Any]:
@@ -68,11 +61,11 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     A frame body as a JSON object.
 
     @raise NotAJSONObject: not UTF-8, not JSON (including NaN, Infinity and
-        nesting too deep to parse), or not an object.
+        nesting deeper than 1024), or not an object.
     """
     try:
-        message = _DECODER.decode(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise NotAJSONObject("not JSON") from None
     if not isinstance(message, dict):
         raise NotAJSONObject("not a JSON object")

@@ -34,7 +34,13 @@ from credproxy._listen import peer_credentials
 from credproxy._secret import Secret
 from credproxy.stores._interfaces import IProviderKeyStore, ITokenStore
 from credproxy.wire import _audit, _handshake
-from credproxy.wire._codec import LENGTH_PREFIX, NotAJSONObject, decode_json_object, encode_json
+from credproxy.wire._codec import (
+    LENGTH_PREFIX,
+    NotAJSONObject,
+    decode_json_object,
+    encode_json,
+    frame,
+)
 from credproxy.wire._ops import (
     OPERATIONS,
     AuditRecord,
@@ -363,7 +369,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         self.MAX_LENGTH = MAX_FRAME_V2 if version >= 2 else MAX_FRAME_V1
         self._context = self.factory.context(self.sandbox)
         self._state = _State.OPEN
-        self._transport.write(_frame(encode_json(_handshake.accepted(version))))
+        self._transport.write(frame(encode_json(_handshake.accepted(version))))
         _audit.connection_event(self.number, "handshake", version=version, sandbox=self.sandbox)
 
     def _reject(self, code: ErrorCode) -> None:
@@ -375,7 +381,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._close_reason = CloseReason.REJECTED
         self._unprocessed = b""
         self._frames = []
-        self._transport.write(_frame(_REFUSAL_FRAMES[code]))
+        self._transport.write(frame(_REFUSAL_FRAMES[code]))
         _audit.connection_event(self.number, "refused", code=code.value)
         if IHalfCloseableDescriptor.providedBy(self._transport):
             self._transport.loseWriteConnection()
@@ -541,15 +547,11 @@ class CredentialServerProtocol(Int32StringReceiver):
                 conn=self.number,
             )
             return
-        self._transport.write(_frame(body))
+        self._transport.write(frame(body))
 
 
 def _error(request_id: str, code: ErrorCode, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "code": code, "error": message}
-
-
-def _frame(body: bytes) -> bytes:
-    return LENGTH_PREFIX.pack(len(body)) + body
 
 
 class CredentialServerFactory(Factory):

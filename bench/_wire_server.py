@@ -1,0 +1,99 @@
+"""
+The credential socket for the wire benchmark, run as its own process so it
+has a core to itself: L{RPCFace} over a L{MemoryTokenStore} holding one
+token (provider C{anthropic}) and an empty L{MemoryProviderKeyStore}, no
+capability token, on a Unix socket, under the epoll reactor.
+
+    python -m bench._wire_server SOCKET_PATH [--log FILE | --no-log]
+
+The audit trail goes to FILE as text lines, as under C{twistd --logfile}
+(the cost of an audit line per op is part of what is measured), or nowhere
+with C{--no-log}; warnings and errors also go to stderr. Prints C{ready}
+once listening; SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import IO
+
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    LogLevel,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from zope.interface import implementer
+
+from credproxy._listen import unix_description
+from credproxy.broker.tokens import Token
+from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.wire import RPCFace
+
+PROVIDER = "anthropic"
+TOKEN = Token(
+    {
+        "access_token": "sk-ant-oat01-bench-access-token-0123456789abcdef",
+        "refresh_token": "sk-ant-ort01-bench-refresh-token-0123456789abcdef",
+        "expiry": int(time.time()) + 3600,
+        "token_type": "Bearer",
+        "scope": "user:inference",
+    }
+)
+
+
+@implementer(ILogObserver)
+class ErrorsOnly:
+    """
+    Passes on warnings and worse, as cheaply as a filter can (the audit
+    trail is info, so nearly every event is dropped here).
+    """
+
+    SHOWN = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level") in self.SHOWN:
+            self.observer(event)
+
+
+def main() -> None:
+    from twisted.internet import epollreactor
+
+    epollreactor.install()  # what the default reactor is on Linux, made certain
+    from twisted.internet import reactor
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("socket")
+    parser.add_argument("--log", help="audit log file (text lines, as twistd writes)")
+    parser.add_argument("--no-log", action="store_true", help="discard the audit trail")
+    args = parser.parse_args()
+    # Warnings and errors also go to stderr, so the benchmark can show a failure.
+    observers: list[ILogObserver] = [ErrorsOnly(textFileLogObserver(sys.stderr))]
+    if not args.no_log:
+        log_file: IO[str] = open(args.log or "/dev/null", "a")  # noqa: SIM115 - lives as long as we do
+        observers.append(textFileLogObserver(log_file))
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+    tokens = MemoryTokenStore()
+    tokens.save_token(PROVIDER, TOKEN)
+    face = RPCFace(
+        reactor,
+        [unix_description(args.socket) + ":backlog=1024"],
+        tokens,
+        MemoryProviderKeyStore(),
+    )
+    face.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", face.stopService)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

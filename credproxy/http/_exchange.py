@@ -212,9 +212,7 @@ class Exchange:
         headers = upstream_request_headers(request.requestHeaders, credential)
         url = self.resource.upstream_base + request.uri
         self._awaiting_headers = True
-        self._upstream = self.resource.agent.request(
-            b"POST", url, headers, _BodyBytes(self.body)
-        )
+        self._upstream = self.resource.agent.request(b"POST", url, headers, _BodyBytes(self.body))
         self._first_byte_timer = self.resource.reactor.callLater(
             self.resource.config.first_byte_timeout, self._first_byte_expired
         )

@@ -54,22 +54,30 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> bytes | int:
         started = self.reactor.seconds()
         if request.path not in FORWARDED_PATHS:
-            return self._refuse(request, started, ErrorKind.NOT_FOUND, "Not found: credproxy "
-                                "forwards only POST /v1/messages and /v1/messages/count_tokens.")
+            return self._refuse(
+                request,
+                started,
+                ErrorKind.NOT_FOUND,
+                "Not found: credproxy "
+                "forwards only POST /v1/messages and /v1/messages/count_tokens.",
+            )
         if request.method != FORWARDED_METHOD:
             request.setHeader(b"allow", FORWARDED_METHOD)
-            return self._refuse(request, started, ErrorKind.METHOD_NOT_ALLOWED,
-                                "Method not allowed: use POST.")
+            return self._refuse(
+                request, started, ErrorKind.METHOD_NOT_ALLOWED, "Method not allowed: use POST."
+            )
         peer = peer_credentials(request.channel.transport)
         if peer is not None and not self.config.serves_uid(peer.uid):
             log.warn("Refused Unix peer uid={uid} pid={pid}", uid=peer.uid, pid=peer.pid)
             request.setHeader(b"connection", b"close")
-            return self._refuse(request, started, ErrorKind.PERMISSION,
-                                "This user may not use credproxy.")
+            return self._refuse(
+                request, started, ErrorKind.PERMISSION, "This user may not use credproxy."
+            )
         token = self.config.capability_token
         if token is not None and not token.matches(presented_placeholder(request.requestHeaders)):
-            return self._refuse(request, started, ErrorKind.AUTHENTICATION,
-                                "Invalid or missing capability token.")
+            return self._refuse(
+                request, started, ErrorKind.AUTHENTICATION, "Invalid or missing capability token."
+            )
         if self._draining:
             return self._refuse(request, started, ErrorKind.API, "credproxy is shutting down.")
         exchange = Exchange(self, request, started)
@@ -84,9 +92,14 @@ class ProxyResource(Resource):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % (len(body),))
         audit(
-            method=request.method, path=request.path, status=kind.status, usage=None,
-            request_body=b"", response_bytes=len(body),
-            duration=self.reactor.seconds() - started, outcome="refused",
+            method=request.method,
+            path=request.path,
+            status=kind.status,
+            usage=None,
+            request_body=b"",
+            response_bytes=len(body),
+            duration=self.reactor.seconds() - started,
+            outcome="refused",
         )
         return body
 

@@ -36,16 +36,23 @@ def audit(
     outcome: str = "ok",
 ) -> None:
     model = usage.model if usage is not None and usage.model else requested_model(request_body)
-    audit_log.info(
-        "{method} {path} {status} {outcome} model={model} input_tokens={input_tokens} "
-        "output_tokens={output_tokens} bytes={bytes} duration_ms={duration_ms}",
-        method=method.decode("ascii", "replace"),
-        path=path.decode("ascii", "replace"),
-        status=status,
-        outcome=outcome,
-        model=model,
-        input_tokens=usage.input_tokens if usage else None,
-        output_tokens=usage.output_tokens if usage else None,
-        bytes=response_bytes,
-        duration_ms=round(duration * 1000, 1),
+    fields = {
+        "method": method.decode("ascii", "replace"),
+        "path": path.decode("ascii", "replace"),
+        "status": status,
+        "outcome": outcome,
+        "model": model,
+        "input_tokens": usage.input_tokens if usage else None,
+        "output_tokens": usage.output_tokens if usage else None,
+        "bytes": response_bytes,
+        "duration_ms": round(duration * 1000, 1),
+    }
+    # Rendered here in one f-string, so a log observer formats one field
+    # instead of nine (most of an audit line's cost under twistd); the
+    # fields stay in the event for structured observers.
+    line = (
+        f"{fields['method']} {fields['path']} {status} {outcome} model={model} "
+        f"input_tokens={fields['input_tokens']} output_tokens={fields['output_tokens']} "
+        f"bytes={response_bytes} duration_ms={fields['duration_ms']}"
     )
+    audit_log.info("{line}", line=line, **fields)

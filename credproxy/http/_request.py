@@ -8,7 +8,7 @@ reading it (by Content-Length) or as soon as the count passes the limit
 from __future__ import annotations
 
 from io import BytesIO
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.logger import Logger
@@ -35,6 +35,13 @@ class BoundedRequest(Request):
     _refused = False
     _received = 0
     _body: BytesIO
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Bodies are forwarded untouched. Parsing form uploads out of them
+        # would cost twisted.web an email-header parse of the content type on
+        # every POST, and memory for every multipart body.
+        kwargs["parsePOSTFormSubmission"] = False
+        super().__init__(*args, **kwargs)
 
     def _site(self) -> ProxySite:
         site: ProxySite = self.channel.site  # type: ignore[attr-defined]

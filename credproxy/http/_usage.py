@@ -7,9 +7,10 @@ so a long stream costs a scan, not a parse.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 # An SSE line longer than this (a huge text delta) is skipped, not buffered.
 MAX_SSE_LINE = 1024 * 1024
@@ -66,7 +67,7 @@ class SSEUsageParser:
 
     def _event(self, payload: bytes) -> None:
         try:
-            event = json.loads(payload)
+            event = orjson.loads(payload)
         except ValueError:
             return
         if not isinstance(event, dict):
@@ -113,7 +114,7 @@ class JSONUsageParser:
         if not self._parts or self._size > MAX_JSON_BODY:
             return usage
         try:
-            body = json.loads(b"".join(self._parts))
+            body = orjson.loads(b"".join(self._parts))
         except ValueError:
             return usage
         if isinstance(body, dict):

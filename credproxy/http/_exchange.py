@@ -244,10 +244,7 @@ class Exchange:
                 outcome="first_byte_timeout",
             )
             return
-        log.warn(
-            "Upstream request failed: {error_type}",
-            error_type=failure.type.__name__ if failure.type else "unknown",
-        )
+        log.warn("Upstream request failed: {error_type}", error_type=_failure_kind(failure))
         self.answer_error(
             ErrorKind.API, "credproxy could not reach the upstream API.", outcome="unreachable"
         )
@@ -353,3 +350,23 @@ class _Discard(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def _failure_kind(failure: Failure) -> str:
+    """
+    The types (never the texts) of what made an upstream request fail, so a
+    refused connection and a failed certificate check can be told apart in
+    the log: C{twisted.web._newclient.ResponseNeverReceived[OpenSSL.SSL.Error]}.
+    """
+
+    def name(kind: type | None) -> str:
+        if kind is None:
+            return "unknown"
+        module = kind.__module__
+        return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+    reasons = getattr(failure.value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        inner = ",".join(name(r.type) if isinstance(r, Failure) else "unknown" for r in reasons)
+        return f"{name(failure.type)}[{inner}]"
+    return name(failure.type)

@@ -36,7 +36,7 @@ from credproxy.wire import RPCFace
 PROVIDER = "anthropic"
 TOKEN = Token(
     {
-        "access_token": "sk-ant-oat01-bench-access-token-0123456789abcdef",
+        "access_token": "bench-access-token-0123456789abcdef",
         "refresh_token": "sk-ant-ort01-bench-refresh-token-0123456789abcdef",
         "expiry": int(time.time()) + 3600,
         "token_type": "Bearer",

@@ -36,12 +36,12 @@ from credproxy.wire._client_framing import (
     checked_timeout,
     encode_frame,
     handshake_message,
-    max_body,
     negotiated_version,
     parse_answer,
     parse_body,
     request_message,
 )
+from credproxy.wire._codec import max_body
 from credproxy.wire._spec import (
     CLIENT_IDLE_TIMEOUT,
     CLIENT_REQUEST_TIMEOUT,

@@ -25,7 +25,6 @@ from credproxy.wire._spec import (
     HANDSHAKE_OP,
     HEADER_SIZE,
     MAX_FRAME_V1,
-    MAX_FRAME_V2,
     PROTOCOL_VERSION_MAX,
     PROTOCOL_VERSION_MIN,
     ErrorCode,
@@ -33,13 +32,6 @@ from credproxy.wire._spec import (
 )
 
 _HEADER: Final = LENGTH_PREFIX
-
-
-def max_body(version: int) -> int:
-    """
-    The frame body limit of a negotiated version (and of version 1 before any).
-    """
-    return MAX_FRAME_V2 if version >= 2 else MAX_FRAME_V1
 
 
 def checked_timeout(timeout: float | None, default: float) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from credproxy.wire._spec import HEADER_SIZE
+from credproxy.wire._spec import HEADER_SIZE, MAX_FRAME_V1, MAX_FRAME_V2
 
 LENGTH_PREFIX: Final = struct.Struct(">I")
 assert LENGTH_PREFIX.size == HEADER_SIZE
@@ -44,6 +44,13 @@ def js_number(value: float) -> int | float:
     if value.is_integer() and abs(value) < _SAFE_INTEGER:
         return int(value)
     return value
+
+
+def max_body(version: int) -> int:
+    """
+    The frame body limit of a negotiated version (and of version 1 before any).
+    """
+    return MAX_FRAME_V2 if version >= 2 else MAX_FRAME_V1
 
 
 def encode_json(message: Mapping[str, Any]) -> bytes:

@@ -225,9 +225,9 @@ async def get_api_key(ctx: OpContext, payload: Payload, record: AuditRecord) -> 
     else:
         if name is None:
             raise _invalid(Message.MISSING_NAME)
+        record.key = name
         key = await ctx.keys.get_key(name)
         if key is None:
-            record.key = name
             raise OpFailure(ErrorCode.NOT_FOUND, f"No API key found for: {name}", Status.NOT_FOUND)
     record.key = name
     return {"key": key.reveal()}

@@ -40,6 +40,7 @@ from credproxy.wire._codec import (
     decode_json_object,
     encode_json,
     frame,
+    max_body,
 )
 from credproxy.wire._ops import (
     OPERATIONS,
@@ -366,7 +367,7 @@ class CredentialServerProtocol(Int32StringReceiver):
             return
         self.version = version
         self.sandbox = required is not None
-        self.MAX_LENGTH = MAX_FRAME_V2 if version >= 2 else MAX_FRAME_V1
+        self.MAX_LENGTH = max_body(version)
         self._context = self.factory.context(self.sandbox)
         self._state = _State.OPEN
         self._transport.write(frame(encode_json(_handshake.accepted(version))))
@@ -518,7 +519,7 @@ class CredentialServerProtocol(Int32StringReceiver):
     # -- answers --------------------------------------------------------------
 
     def _answer_error(self, request_id: str, code: ErrorCode, message: str) -> None:
-        self._answer({"id": request_id, "ok": False, "code": code, "error": message})
+        self._answer(_error(request_id, code, message))
 
     def _answer(self, message: dict[str, Any]) -> None:
         """
@@ -527,26 +528,28 @@ class CredentialServerProtocol(Int32StringReceiver):
         """
         if self._state is not _State.OPEN:
             return
+        request_id = message["id"]
         try:
             body = encode_json(message)
-        except (TypeError, ValueError):
-            body = encode_json(_error(message["id"], ErrorCode.INTERNAL_ERROR, Message.INTERNAL))
-        if self.version == 1 and HEADER_SIZE + len(body) > MAX_FRAME_V1:
-            body = encode_json(
-                _error(message["id"], ErrorCode.RESPONSE_TOO_LARGE, Message.RESPONSE_TOO_LARGE_V1)
+        except TypeError:
+            body = encode_json(_error(request_id, ErrorCode.INTERNAL_ERROR, Message.INTERNAL))
+        # A version 1 peer's limit counts the whole frame, header included.
+        limit = MAX_FRAME_V1 - HEADER_SIZE if self.version == 1 else MAX_FRAME_V2
+        if len(body) > limit:
+            code, text = (
+                (ErrorCode.RESPONSE_TOO_LARGE, Message.RESPONSE_TOO_LARGE_V1)
+                if self.version == 1
+                else (ErrorCode.INTERNAL_ERROR, Message.FRAME_TOO_LARGE)
             )
-        elif len(body) > MAX_FRAME_V2:
-            body = encode_json(
-                _error(message["id"], ErrorCode.INTERNAL_ERROR, Message.FRAME_TOO_LARGE)
-            )
-        if len(body) > (MAX_FRAME_V1 - HEADER_SIZE if self.version == 1 else MAX_FRAME_V2):
-            # Only an id longer than the frame limit gets here: it cannot be
-            # echoed, so no answer can be correlated. Say nothing.
-            log.warn(
-                "credential socket conn={conn}: an answer's id is too long to send",
-                conn=self.number,
-            )
-            return
+            body = encode_json(_error(request_id, code, text))
+            if len(body) > limit:
+                # Only an id near the frame limit gets here: it cannot be
+                # echoed, so no answer could be correlated. Say nothing.
+                log.warn(
+                    "credential socket conn={conn}: an answer's id is too long to send",
+                    conn=self.number,
+                )
+                return
         self._transport.write(frame(body))
 
 

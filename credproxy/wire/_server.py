@@ -256,6 +256,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         """
         self._close_reason = reason
         self._state = _State.CLOSED
+        self.paused = True  # Int32StringReceiver stops framing the rest of this read
         self._unprocessed = b""  # nothing of an oversized or broken frame is kept
         self._frames = []
         self._transport.abortConnection()

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, globalLogPublisher
 
 from tests.integration.conftest import MakeProxy
 from tests.integration.upstream import Upstream
+from tests.logcapture import captured_log
 
 NOBODY = 65534
 
@@ -44,8 +43,12 @@ print(data.split(b" ")[1].decode())
 
 def as_nobody(path: str) -> str:
     result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", CLIENT, path], user=NOBODY, capture_output=True, text=True,
-        check=True, timeout=30,
+        [SYSTEM_PYTHON, "-c", CLIENT, path],
+        user=NOBODY,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     )
     return result.stdout.strip()
 
@@ -57,14 +60,10 @@ def open_to_others(path: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_other_uid_is_refused_and_logged(upstream: Upstream, make_proxy: MakeProxy) -> None:
-    events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
-    try:
+    with captured_log() as events:
         proxy = await make_proxy()
         open_to_others(proxy.path)
         assert await deferToThread(as_nobody, proxy.path) == "403"
-    finally:
-        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
     assert upstream.received == []
     assert any(e.get("uid") == NOBODY and "Refused" in str(e.get("log_format")) for e in events)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from typing import cast
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 from twisted.web.server import NOT_DONE_YET, Request
 
 from credproxy._secret import Secret
@@ -26,18 +25,15 @@ from tests.integration.agents import (
 )
 from tests.integration.conftest import REAL_API_KEY, REAL_OAUTH_TOKEN, MakeProxy
 from tests.integration.upstream import Received, Upstream, message_json, stream_events
+from tests.logcapture import captured_log
 
 CAPABILITY = "c" * 64
 
 
 @pytest.fixture
-def log_events() -> Iterator[list[dict[str, object]]]:
-    events: list[dict[str, object]] = []
-    globalLogPublisher.addObserver(cast(ILogObserver, events.append))
-    try:
+def log_events() -> Iterator[list[LogEvent]]:
+    with captured_log() as events:
         yield events
-    finally:
-        globalLogPublisher.removeObserver(cast(ILogObserver, events.append))
 
 
 def assert_no_secrets(events: list[dict[str, object]], *secrets: str) -> None:
@@ -147,27 +143,37 @@ async def test_count_tokens_is_forwarded_with_its_query_string(
 @pytest_twisted.ensureDeferred
 async def test_header_policy_towards_upstream(upstream: Upstream, make_proxy: MakeProxy) -> None:
     proxy = await make_proxy({"CLAUDE_CODE_OAUTH_TOKEN": REAL_OAUTH_TOKEN})
-    request = messages_request(headers={
-        "x-api-key": PLACEHOLDER,
-        "authorization": f"Bearer {PLACEHOLDER}",
-        "anthropic-beta": "prompt-caching-2024-07-31, oauth-2025-04-20,files-api-2025-04-14",
-        # twisted.web reads Connection tokens split on spaces: "close," would not close.
-        "connection": "x-private-hop, close",
-        "x-private-hop": "secret-hop",
-        "keep-alive": "timeout=5",
-        "proxy-authorization": "Basic abc",
-        "te": "trailers",
-        "upgrade": "h2c",
-        "accept-encoding": "gzip, br",
-        "cookie": "session=abc",
-        "x-stainless-lang": "python",
-        "user-agent": "Anthropic/Python 1.0",
-    })
+    request = messages_request(
+        headers={
+            "x-api-key": PLACEHOLDER,
+            "authorization": f"Bearer {PLACEHOLDER}",
+            "anthropic-beta": "prompt-caching-2024-07-31, oauth-2025-04-20,files-api-2025-04-14",
+            # twisted.web reads Connection tokens split on spaces: "close," would not close.
+            "connection": "x-private-hop, close",
+            "x-private-hop": "secret-hop",
+            "keep-alive": "timeout=5",
+            "proxy-authorization": "Basic abc",
+            "te": "trailers",
+            "upgrade": "h2c",
+            "accept-encoding": "gzip, br",
+            "cookie": "session=abc",
+            "x-stainless-lang": "python",
+            "user-agent": "Anthropic/Python 1.0",
+        }
+    )
     response = await exchange(reactor, proxy.path, request)
     assert response.status == 200
     (seen,) = upstream.received
-    for gone in ("x-api-key", "connection", "x-private-hop", "keep-alive", "proxy-authorization",
-                 "te", "upgrade", "cookie"):
+    for gone in (
+        "x-api-key",
+        "connection",
+        "x-private-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+        "cookie",
+    ):
         assert seen.header(gone) is None, gone
     assert seen.headers["authorization"] == [f"Bearer {REAL_OAUTH_TOKEN}"]
     assert seen.headers["anthropic-beta"] == [
@@ -292,7 +298,8 @@ async def test_capability_token_is_required_when_configured(
 ) -> None:
     proxy = await make_proxy(capability_token=Secret(CAPABILITY))
     refused: list[dict[str, str | None]] = [
-        {"x-api-key": PLACEHOLDER}, {"x-api-key": CAPABILITY[:-1]},
+        {"x-api-key": PLACEHOLDER},
+        {"x-api-key": CAPABILITY[:-1]},
         {"x-api-key": None, "authorization": "Bearer wrong"},
     ]
     for headers in refused:
@@ -302,7 +309,8 @@ async def test_capability_token_is_required_when_configured(
         assert CAPABILITY not in json.dumps(response.json())
     assert upstream.received == []
     accepted: list[dict[str, str | None]] = [
-        {"x-api-key": CAPABILITY}, {"x-api-key": None, "authorization": f"Bearer {CAPABILITY}"},
+        {"x-api-key": CAPABILITY},
+        {"x-api-key": None, "authorization": f"Bearer {CAPABILITY}"},
     ]
     for headers in accepted:
         response = await exchange(reactor, proxy.path, messages_request(headers=headers))
@@ -320,8 +328,7 @@ async def test_body_over_the_limit_by_content_length_is_refused_before_reading(
 ) -> None:
     proxy = await make_proxy(max_body=1000)
     agent = await connect_agent(reactor, proxy.path)
-    head = messages_request(body=b"", headers={"content-length": "5000",
-                                               "expect": "100-continue"})
+    head = messages_request(body=b"", headers={"content-length": "5000", "expect": "100-continue"})
     agent.send(head)  # headers only: the answer must come without the body
     await agent.closed
     response = agent.response()
@@ -337,8 +344,9 @@ async def test_chunked_body_over_the_limit_is_refused_while_reading(
 ) -> None:
     proxy = await make_proxy(max_body=1000)
     agent = await connect_agent(reactor, proxy.path)
-    head = messages_request(body=b"", headers={"content-length": None,
-                                               "transfer-encoding": "chunked"})
+    head = messages_request(
+        body=b"", headers={"content-length": None, "transfer-encoding": "chunked"}
+    )
     agent.send(head)
     for _ in range(3):
         agent.send(b"200\r\n" + b"x" * 0x200 + b"\r\n")
@@ -356,8 +364,9 @@ async def test_body_at_the_limit_is_forwarded_intact(
     response = await exchange(reactor, proxy.path, messages_request(body=body))
     assert response.status == 200
     assert upstream.received[0].body == body
-    chunked = messages_request(body=b"", headers={"content-length": None,
-                                                  "transfer-encoding": "chunked"})
+    chunked = messages_request(
+        body=b"", headers={"content-length": None, "transfer-encoding": "chunked"}
+    )
     chunked += b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     response = await exchange(reactor, proxy.path, chunked)
     assert response.status == 200
@@ -414,6 +423,7 @@ async def test_one_audit_line_per_request_and_no_secret_in_any_log(
     ok = messages_request(stream=True, headers={"x-api-key": CAPABILITY})
     await exchange(reactor, proxy.path, ok)
     await exchange(reactor, proxy.path, messages_request(headers={"x-api-key": PLACEHOLDER}))
+
     def small(request: Request, received: Received) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         return message_json(input_tokens=3, output_tokens=4)
@@ -425,7 +435,9 @@ async def test_one_audit_line_per_request_and_no_secret_in_any_log(
     stream, refused, message = audits
     assert (stream["method"], stream["path"], stream["status"]) == ("POST", "/v1/messages", 200)
     assert (stream["model"], stream["input_tokens"], stream["output_tokens"]) == (
-        "claude-sonnet-4-5-20250929", 25, 15,
+        "claude-sonnet-4-5-20250929",
+        25,
+        15,
     )
     assert stream["bytes"] == len(b"".join(stream_events(["Hello", ", world"])))
     assert isinstance(stream["duration_ms"], float)
@@ -483,10 +495,17 @@ async def test_face_refuses_tcp_without_a_capability_token(upstream: Upstream) -
     from credproxy.http import HTTPFace, HTTPFaceConfigError, HTTPProxyConfig
 
     with pytest.raises(HTTPFaceConfigError, match="without a capability token"):
-        HTTPFace(reactor, ["tcp:port=0:interface=127.0.0.1"], HTTPProxyConfig(),
-                 EnvironmentCredentialSource({}))
-    face = HTTPFace(reactor, ["tcp:port=0:interface=127.0.0.1"],
-                    HTTPProxyConfig(capability_token=Secret(CAPABILITY), upstream=upstream.url),
-                    EnvironmentCredentialSource({}))
+        HTTPFace(
+            reactor,
+            ["tcp:port=0:interface=127.0.0.1"],
+            HTTPProxyConfig(),
+            EnvironmentCredentialSource({}),
+        )
+    face = HTTPFace(
+        reactor,
+        ["tcp:port=0:interface=127.0.0.1"],
+        HTTPProxyConfig(capability_token=Secret(CAPABILITY), upstream=upstream.url),
+        EnvironmentCredentialSource({}),
+    )
     face.startService()
     await face.stopService()

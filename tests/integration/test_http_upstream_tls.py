@@ -29,7 +29,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from tests.integration.agents import exchange, messages_request
 from tests.integration.conftest import REAL_API_KEY, MakeProxy
 from tests.integration.upstream import Upstream
-from tests.wire.server_harness import captured_log, log_text
+from tests.logcapture import captured_log, log_text
 
 # The throwaway upstream's certificate goes through Twisted's pyOpenSSL-based
 # server options, which pyOpenSSL now warns about; the proxy side is not involved.

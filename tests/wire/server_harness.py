@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -22,6 +19,9 @@ from credproxy._secret import Secret
 from credproxy.broker.tokens import Token
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import CredentialServerFactory, CredentialServerProtocol
+from tests.logcapture import captured_log, log_text
+
+__all__ = ["captured_log", "log_text"]  # the wire tests import them from here
 
 CAPABILITY = "ab" * 32
 ACCESS = "access-0123456789abcdef"
@@ -165,22 +165,3 @@ def seed(tokens: MemoryTokenStore, keys: MemoryProviderKeyStore) -> None:
     tokens.save_token("anthropic", token)
     tokens.save_token("anthropic", token, "work")
     keys.save_key("anthropic", Secret(KEY))
-
-
-@contextmanager
-def captured_log() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observer)
-
-
-def log_text(events: list[LogEvent]) -> str:
-    """
-    Every event as an observer would write it: formatted text plus every
-    field's repr, so a secret in any field is found.
-    """
-    return "\n".join(f"{formatEvent(e)} {e!r}" for e in events)

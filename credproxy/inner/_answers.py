@@ -12,6 +12,7 @@ from credproxy._secret import Secret
 from credproxy.broker.tokens import Token, sanitize
 from credproxy.stores._interfaces import DEFAULT_BUCKET, BucketStats
 from credproxy.wire._client_errors import ProtocolViolation, ProxyClientError
+from credproxy.wire._codec import is_number
 from credproxy.wire._spec import Message
 
 
@@ -66,7 +67,7 @@ def to_names(data: dict[str, Any], field: str) -> list[str]:
 def to_bucket_stats(data: dict[str, Any], bucket: str | None) -> BucketStats:
     def number(name: str) -> float:
         value = data.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise _malformed("get_bucket_stats")
         return value
 
@@ -77,7 +78,7 @@ def to_bucket_stats(data: dict[str, Any], bucket: str | None) -> BucketStats:
         request_count=int(number("requestCount")),
         percentage=float(number("percentage")),
         last_used=float(last_used) / 1000  # JavaScript time, in milliseconds
-        if isinstance(last_used, int | float) and not isinstance(last_used, bool)
+        if is_number(last_used)
         else None,
     )
 

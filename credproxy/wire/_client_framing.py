@@ -18,7 +18,13 @@ from credproxy.wire._client_errors import (
     ProtocolViolation,
     ProxyRequestError,
 )
-from credproxy.wire._codec import LENGTH_PREFIX, NotAJSONObject, decode_json_object, encode_json
+from credproxy.wire._codec import (
+    LENGTH_PREFIX,
+    NotAJSONObject,
+    decode_json_object,
+    encode_json,
+    is_number,
+)
 from credproxy.wire._spec import (
     CANCEL_OP,
     CLIENT_MAX_REQUEST_TIMEOUT,
@@ -158,11 +164,7 @@ def parse_answer(message: Mapping[str, Any]) -> Answer | None:
     if not isinstance(code, str) or not isinstance(error, str):
         _violation("a failed answer without a string code and error")
     retry = message.get("retryAfter")
-    retry_after = (
-        float(retry)
-        if isinstance(retry, int | float) and not isinstance(retry, bool) and math.isfinite(retry)
-        else None
-    )
+    retry_after = float(retry) if is_number(retry) and math.isfinite(retry) else None
     return Answer(request_id, error=ProxyRequestError(code, error, retry_after))
 
 

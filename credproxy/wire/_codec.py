@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import orjson
 
@@ -35,6 +35,14 @@ class NotAJSONObject(ValueError):
 # JSON.stringify writes both as "2". Numbers credproxy computes go through
 # js_number, so what it writes is byte-identical to what llxprt would send.
 _SAFE_INTEGER: Final = 2**53
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """
+    Whether C{value} is a JSON number (Python's C{bool} is an C{int}, but
+    C{true} is not a number).
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def js_number(value: float) -> int | float:

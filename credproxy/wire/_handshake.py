@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from credproxy._secret import Secret
+from credproxy.wire._codec import is_number
 from credproxy.wire._spec import (
     HANDSHAKE_OP,
     PROTOCOL_VERSION_MAX,
@@ -17,10 +18,6 @@ from credproxy.wire._spec import (
     ErrorCode,
     Message,
 )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _as_integer(value: object) -> int | None:
@@ -49,7 +46,7 @@ def negotiate_version(message: Mapping[str, Any]) -> int | None:
     payload = message.get("payload")
     if isinstance(payload, dict):
         low, high = payload.get("minVersion"), payload.get("maxVersion")
-        if _is_number(low) and _is_number(high):
+        if is_number(low) and is_number(high):
             lowest, highest = _as_integer(low), _as_integer(high)
             if lowest is None or highest is None:
                 return None

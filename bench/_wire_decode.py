@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
-from credproxy.broker.tokens import Token
+from credproxy.broker import Broker
+from credproxy.stores import Token
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import CredentialServerFactory
 from credproxy.wire._codec import decode_json_object
@@ -79,7 +80,8 @@ def server_rate(pieces: list[bytes], frame_len: int, budget: float, token: Token
     """
     tokens = MemoryTokenStore()
     tokens.save_token(PROVIDER, token)
-    factory = CredentialServerFactory(Clock(), tokens, MemoryProviderKeyStore())
+    clock = Clock()
+    factory = CredentialServerFactory(clock, Broker(clock, tokens, MemoryProviderKeyStore()))
     protocol = factory.buildProtocol(None)
     assert protocol is not None
     transport = StringTransport()

@@ -29,7 +29,8 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from credproxy._listen import unix_description
-from credproxy.broker.tokens import Token
+from credproxy.broker import Broker
+from credproxy.stores import Token
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import RPCFace
 
@@ -85,8 +86,7 @@ def main() -> None:
     face = RPCFace(
         reactor,
         [unix_description(args.socket) + ":backlog=1024"],
-        tokens,
-        MemoryProviderKeyStore(),
+        Broker(reactor, tokens, MemoryProviderKeyStore()),  # type: ignore[arg-type]
     )
     face.startService()
     reactor.addSystemEventTrigger("before", "shutdown", face.stopService)

@@ -24,6 +24,7 @@ from credproxy._listen import (
     unix_description,
 )
 from credproxy._secret import Secret
+from credproxy.broker import Broker
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
 from credproxy.stores import (
@@ -112,8 +113,11 @@ class CredproxyService(MultiService):
             self.rpc_face = RPCFace(
                 reactor,  # type: ignore[arg-type]
                 config.rpc_endpoints,
-                token_store if token_store is not None else MemoryTokenStore(),
-                key_store if key_store is not None else MemoryProviderKeyStore(),
+                Broker(
+                    reactor,  # type: ignore[arg-type]
+                    token_store if token_store is not None else MemoryTokenStore(),  # type: ignore[arg-type]
+                    key_store if key_store is not None else MemoryProviderKeyStore(),
+                ),
                 config.capability_token,
                 allowed_uids=config.http.allowed_uids,
             )

@@ -1,13 +1,16 @@
 """
 One forwarded request, from credential lookup to the last byte: the upstream
 request, the first-byte timeout, the streaming pump with backpressure and an
-idle timer, and the agent hanging up at any point.
+idle timer, the agent hanging up at any point, and the one replay with a
+replaced credential when the upstream refuses a stored OAuth token.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
@@ -16,20 +19,38 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from credproxy.broker.credentials import UpstreamCredential
+from credproxy.broker.credentials import (
+    CredentialUnavailable,
+    ICredentialSource,
+    UpstreamCredential,
+)
 from credproxy.http._audit import audit
+from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._errors import ErrorKind, error_body
 from credproxy.http._headers import copy_response_headers, upstream_request_headers
 from credproxy.http._usage import UsageParser, parser_for
 
-if TYPE_CHECKING:
-    from credproxy.http._resource import ProxyResource
-
 log = Logger(namespace="credproxy.http")
+
+UNAUTHORIZED = 401
+
+
+@dataclass(frozen=True)
+class ExchangeContext:
+    """
+    What every exchange needs from the face, built once by the resource and
+    handed to each exchange, so that an exchange never reaches into its parent.
+    """
+
+    reactor: Any
+    config: HTTPProxyConfig
+    credentials: ICredentialSource
+    agent: IAgent
+    upstream_base: bytes
 
 
 def agent_transport(request: Request) -> Any:
@@ -101,9 +122,13 @@ class StreamPump(Protocol):
 
     paused = False
 
-    def __init__(self, exchange: Exchange, parser: UsageParser | None) -> None:
+    def __init__(
+        self, exchange: Exchange, parser: UsageParser | None, reactor: Any, idle_timeout: float
+    ) -> None:
         self._exchange = exchange
         self._parser = parser
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
         self.bytes = 0
         self.stopped = False
@@ -115,11 +140,10 @@ class StreamPump(Protocol):
         self.arm_idle()
 
     def arm_idle(self) -> None:
-        timeout = self._exchange.resource.config.stream_idle_timeout
         if self._idle is not None and self._idle.active():
-            self._idle.reset(timeout)
+            self._idle.reset(self._idle_timeout)
         elif not self.stopped:
-            self._idle = self._exchange.resource.reactor.callLater(timeout, self._idle_expired)
+            self._idle = self._reactor.callLater(self._idle_timeout, self._idle_expired)
 
     def disarm_idle(self) -> None:
         if self._idle is not None and self._idle.active():
@@ -130,14 +154,14 @@ class StreamPump(Protocol):
         self._idle = None
         log.warn(
             "Upstream stream idle for {seconds} s; closing it",
-            seconds=self._exchange.resource.config.stream_idle_timeout,
+            seconds=self._idle_timeout,
         )
         self._exchange.outcome = "idle_timeout"
         self.stop()
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None:
-            self._idle.reset(self._exchange.resource.config.stream_idle_timeout)
+            self._idle.reset(self._idle_timeout)
         self.bytes += len(data)
         if self._parser is not None:
             self._parser.feed(data)
@@ -163,20 +187,32 @@ class StreamPump(Protocol):
 class Exchange:
     """
     The life of one forwarded request.
+
+    A stored OAuth token that the upstream refuses with a 401 is replaced and
+    the request replayed, once: the decision is made when the answer's
+    headers arrive, before anything is written to the agent, so the agent
+    sees only the second answer. API keys and environment tokens are never
+    replayed, and a second 401 reaches the agent as the upstream sent it.
     """
 
-    def __init__(self, resource: ProxyResource, request: Request, started: float) -> None:
-        self.resource = resource
+    def __init__(self, context: ExchangeContext, request: Request, started: float) -> None:
+        self._context = context
         self.request = request
         self.started = started
         self.gone = False  # the agent hung up
         self.done = False
         self.outcome = "ok"
         # Read now: twisted.web closes the body file when the agent hangs up,
-        # and forgets the channel when the answer is finished.
+        # and forgets the channel when the answer is finished. Kept whole for
+        # a replay, which sends exactly these bytes again.
         self.body = request_body(request)
         self.agent_transport = agent_transport(request)
         self._status = 0
+        self._credential: UpstreamCredential | None = None
+        self._replayed = False  # a replaced credential was asked for (at most once)
+        # None whenever no upstream request is under way (before the first,
+        # and while a replacement credential is awaited), so that a hang-up
+        # then ends the exchange at once.
         self._upstream: Deferred[IResponse] | None = None
         # Deferred.called is already true while it waits on a chained Deferred,
         # so whether the answer's headers are still awaited is kept here.
@@ -193,31 +229,52 @@ class Exchange:
     # -- steps ------------------------------------------------------------------
 
     def start(self) -> None:
-        d = self.resource.credentials.current_credential()
-        d.addCallback(self._send)
+        d = self._context.credentials.current_credential()
+        d.addCallbacks(self._send, self._credential_failed)
         d.addErrback(self._internal_failure)
 
     def _send(self, credential: UpstreamCredential | None) -> None:
         if self.gone:
             return
+        context = self._context
         if credential is None:
             self.answer_error(
                 ErrorKind.AUTHENTICATION,
                 "credproxy has no credential to forward with: "
-                + self.resource.credentials.how_to_configure(),
+                + context.credentials.how_to_configure(),
                 outcome="no_credential",
             )
             return
+        self._credential = credential
         request = self.request
         headers = upstream_request_headers(request.requestHeaders, credential)
-        url = self.resource.upstream_base + request.uri
+        url = context.upstream_base + request.uri
         self._awaiting_headers = True
-        self._upstream = self.resource.agent.request(b"POST", url, headers, _BodyBytes(self.body))
-        self._first_byte_timer = self.resource.reactor.callLater(
-            self.resource.config.first_byte_timeout, self._first_byte_expired
+        self._upstream = context.agent.request(b"POST", url, headers, _BodyBytes(self.body))
+        self._first_byte_timer = context.reactor.callLater(
+            context.config.first_byte_timeout, self._first_byte_expired
         )
         self._upstream.addCallbacks(self._got_response, self._upstream_failed)
         self._upstream.addErrback(self._internal_failure)
+        context.credentials.credential_used(credential)
+
+    def _credential_failed(self, failure: Failure) -> None:
+        """
+        The source has a credential but cannot give a usable one (its login
+        must be renewed on the host, or a refresh failed for now): the agent
+        gets credproxy's own explanation, never the provider's.
+        """
+        failure.trap(CredentialUnavailable)
+        if self.gone:
+            return
+        error: CredentialUnavailable = failure.value  # type: ignore[assignment]
+        if error.retry_after is not None:
+            self.request.setHeader(b"retry-after", b"%d" % (math.ceil(error.retry_after),))
+        self.answer_error(
+            ErrorKind.API if error.transient else ErrorKind.AUTHENTICATION,
+            error.message,
+            outcome="credential_unavailable",
+        )
 
     def _first_byte_expired(self) -> None:
         self._first_byte_timer = None
@@ -240,7 +297,7 @@ class Exchange:
             self.answer_error(
                 ErrorKind.TIMEOUT,
                 "The upstream API sent no response within "
-                f"{self.resource.config.first_byte_timeout:g} s.",
+                f"{self._context.config.first_byte_timeout:g} s.",
                 outcome="first_byte_timeout",
             )
             return
@@ -251,13 +308,17 @@ class Exchange:
 
     def _got_response(self, response: IResponse) -> None:
         self._cancel_first_byte_timer()
-        parser = parser_for((response.headers.getRawHeaders(b"content-type") or [None])[0])
-        self._pump = StreamPump(self, parser)
         if self.gone:
-            self._pump.stopped = True  # connectionMade will find the agent gone
             response.deliverBody(_Discard())
             self._finish_audit()
             return
+        if self._replay_wanted(response):
+            self._replay(response)
+            return
+        parser = parser_for((response.headers.getRawHeaders(b"content-type") or [None])[0])
+        self._pump = StreamPump(
+            self, parser, self._context.reactor, self._context.config.stream_idle_timeout
+        )
         request = self.request
         self._status = response.code
         request.setResponseCode(response.code, response.phrase)
@@ -265,6 +326,51 @@ class Exchange:
         if response.length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % (response.length,))
         response.deliverBody(self._pump)
+
+    # -- the replay -------------------------------------------------------------
+
+    def _replay_wanted(self, response: IResponse) -> bool:
+        """
+        Whether to answer this response by replaying with a replaced
+        credential: a 401 to a replaceable credential, on the first attempt,
+        while the agent has been sent nothing (which holds at headers time,
+        the only time this is asked; later bytes are never taken back).
+        """
+        credential = self._credential
+        return (
+            response.code == UNAUTHORIZED
+            and not self._replayed
+            and credential is not None
+            and credential.replaceable
+            and not self.request.startedWriting
+        )
+
+    def _replay(self, response: IResponse) -> None:
+        self._replayed = True
+        # The refusal's body is the provider's text for a token the agent
+        # never saw; its connection is closed rather than read.
+        response.deliverBody(_Discard())
+        self._upstream = None
+        rejected = self._credential
+        assert rejected is not None
+        log.info("Upstream refused the stored OAuth token; replacing it and replaying once")
+        d = self._context.credentials.credential_rejected(rejected)
+        d.addCallbacks(self._send_replacement, self._credential_failed)
+        d.addErrback(self._internal_failure)
+
+    def _send_replacement(self, credential: UpstreamCredential | None) -> None:
+        if credential is None:
+            if not self.gone:
+                self.answer_error(
+                    ErrorKind.AUTHENTICATION,
+                    "The upstream API refused credproxy's credential and there is no other: "
+                    + self._context.credentials.how_to_configure(),
+                    outcome="credential_unavailable",
+                )
+            return
+        self._send(credential)
+
+    # -- the stream ---------------------------------------------------------------
 
     def stream_ended(self, reason: Failure, nbytes: int, usage: Any) -> None:
         if not self.gone:
@@ -328,6 +434,9 @@ class Exchange:
             return
         self.done = True
         request = self.request
+        outcome = self.outcome
+        if self._replayed and outcome == "ok":
+            outcome = "replayed"  # answered after one replay with a replaced credential
         audit(
             method=request.method,
             path=request.path,
@@ -335,8 +444,8 @@ class Exchange:
             usage=usage,
             request_body=self.body,
             response_bytes=nbytes,
-            duration=self.resource.reactor.seconds() - self.started,
-            outcome=self.outcome,
+            duration=self._context.reactor.seconds() - self.started,
+            outcome=outcome,
         )
         for callback in self._on_done:
             callback(self)

@@ -18,7 +18,7 @@ from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._audit import audit
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._errors import ErrorKind, error_body
-from credproxy.http._exchange import Exchange
+from credproxy.http._exchange import Exchange, ExchangeContext
 from credproxy.http._headers import presented_placeholder
 
 log = Logger(namespace="credproxy.http")
@@ -47,6 +47,7 @@ class ProxyResource(Resource):
         self.credentials = credentials
         self.agent = agent
         self.upstream_base = config.upstream.rstrip("/").encode("ascii")
+        self._context = ExchangeContext(reactor, config, credentials, agent, self.upstream_base)
         self._active: set[Exchange] = set()
         self._draining = False
         self._drained: list[Deferred[None]] = []
@@ -80,7 +81,7 @@ class ProxyResource(Resource):
             )
         if self._draining:
             return self._refuse(request, started, ErrorKind.API, "credproxy is shutting down.")
-        exchange = Exchange(self, request, started)
+        exchange = Exchange(self._context, request, started)
         self._active.add(exchange)
         exchange.when_done(self._exchange_done)
         exchange.start()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.stores._token import Token
 from credproxy.inner import _answers
 from credproxy.stores._interfaces import BucketStats
 from credproxy.wire._blocking_client import BlockingProxySocketClient

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.stores._token import Token
 from credproxy.inner import _answers
 from credproxy.stores._interfaces import BucketStats, IProviderKeyStore, ITokenStore
 from credproxy.wire._client import ProxySocketClient

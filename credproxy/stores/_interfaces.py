@@ -9,12 +9,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.stores._token import Token
 
 DEFAULT_BUCKET = "default"
+
+
+class StoreError(Exception):
+    """
+    A store's backend failed (keyring, file). The message says which store,
+    which entry and what went wrong, but never a value: callers log it.
+    """
+
+
+class StoreCorrupt(StoreError):
+    """
+    What a backend holds cannot be read as credproxy's data. Never repaired
+    by overwriting: the operator decides, since the old content may be the
+    only copy of a refresh token.
+    """
+
+
+class StoreTimeout(StoreError):
+    """
+    A blocking backend call did not finish in time; its thread may still be
+    running, so the entry's state in the backend is unknown.
+    """
+
+
+class StoreNotRunning(StoreError):
+    """
+    A store call was made while the thread pool that runs blocking backend
+    calls was not started, or after it stopped.
+    """
+
+
+class StoreUnavailable(StoreError):
+    """
+    The store the operator asked for cannot be used on this host; the
+    message says how to get one or what to choose instead.
+    """
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,26 @@ class ITokenStore(Interface):
         """
 
 
+class IHostTokenStore(ITokenStore):
+    """
+    A token store on the host (memory, file, keyring), which the broker uses.
+    It also counts the requests made with each bucket's token, and can be
+    told that another process may have changed an entry.
+    """
+
+    description = Attribute("What backs the store and where, for logs and status; no secret.")
+
+    def record_request(provider: str, bucket: str | None, when: float) -> None:
+        """
+        Count one upstream request made with this bucket's token at Unix time C{when}.
+        """
+
+    def invalidate(provider: str, bucket: str | None = None) -> None:
+        """
+        Forget any cached read of this entry, so the next read goes to the backend.
+        """
+
+
 class IProviderKeyStore(Interface):
     """
     Named API keys (e.g. "anthropic", "openai-work").
@@ -93,4 +149,19 @@ class IProviderKeyStore(Interface):
     def has_key(name: str) -> Deferred[bool]:
         """
         Whether a key of that name is stored.
+        """
+
+
+class IHostProviderKeyStore(IProviderKeyStore):
+    """
+    A key store on the host (memory, file, keyring). Like
+    L{IHostTokenStore}, it describes itself and can be told that another
+    process may have changed a key.
+    """
+
+    description = Attribute("What backs the store and where, for logs and status; no secret.")
+
+    def invalidate(name: str) -> None:
+        """
+        Forget any cached read of this key, so the next read goes to the backend.
         """

@@ -7,31 +7,34 @@ backend is instant.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.stores._counters import RequestCounters
 from credproxy.stores._interfaces import (
     DEFAULT_BUCKET,
     BucketStats,
-    IProviderKeyStore,
-    ITokenStore,
+    IHostProviderKeyStore,
+    IHostTokenStore,
 )
+from credproxy.stores._token import Token
+
+MEMORY_DESCRIPTION = "memory (forgotten at exit)"
 
 
-@implementer(ITokenStore)
+@implementer(IHostTokenStore)
 class MemoryTokenStore:
     """
     Tokens by provider and bucket, with per-bucket request counters.
+    Nothing else writes this memory, so L{invalidate} has nothing to forget.
     """
+
+    description = MEMORY_DESCRIPTION
 
     def __init__(self) -> None:
         self._tokens: dict[tuple[str, str], Token] = {}
-        self._requests: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self._last_used: dict[tuple[str, str], float] = {}
+        self.counters = RequestCounters()
 
     def __repr__(self) -> str:
         return f"<MemoryTokenStore entries={len(self._tokens)}>"
@@ -45,6 +48,7 @@ class MemoryTokenStore:
 
     def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
         self._tokens.pop((provider, bucket or DEFAULT_BUCKET), None)
+        self.counters.forget(provider, bucket)
         return succeed(None)
 
     def list_providers(self) -> Deferred[list[str]]:
@@ -54,36 +58,26 @@ class MemoryTokenStore:
         return succeed(sorted(b for p, b in self._tokens if p == provider))
 
     def record_request(self, provider: str, bucket: str | None, when: float) -> None:
-        """
-        Count one upstream request made with this bucket's token at Unix time C{when}.
-        """
-        entry = (provider, bucket or DEFAULT_BUCKET)
-        self._requests[entry] += 1
-        self._last_used[entry] = when
+        self.counters.record(provider, bucket, when)
+
+    def invalidate(self, provider: str, bucket: str | None = None) -> None:
+        pass
 
     def get_bucket_stats(
         self, provider: str, bucket: str | None = None
     ) -> Deferred[BucketStats | None]:
-        entry = (provider, bucket or DEFAULT_BUCKET)
-        if entry not in self._tokens:
+        if (provider, bucket or DEFAULT_BUCKET) not in self._tokens:
             return succeed(None)
-        total = sum(n for (p, _), n in self._requests.items() if p == provider)
-        count = self._requests.get(entry, 0)
-        return succeed(
-            BucketStats(
-                bucket=entry[1],
-                request_count=count,
-                percentage=100.0 * count / total if total else 0.0,
-                last_used=self._last_used.get(entry),
-            )
-        )
+        return succeed(self.counters.stats(provider, bucket))
 
 
-@implementer(IProviderKeyStore)
+@implementer(IHostProviderKeyStore)
 class MemoryProviderKeyStore:
     """
     Named API keys, held as L{Secret}s.
     """
+
+    description = MEMORY_DESCRIPTION
 
     def __init__(self) -> None:
         self._keys: dict[str, Secret] = {}
@@ -106,3 +100,6 @@ class MemoryProviderKeyStore:
 
     def has_key(self, name: str) -> Deferred[bool]:
         return succeed(name in self._keys)
+
+    def invalidate(self, name: str) -> None:
+        pass

@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from credproxy._listen import ListeningService, is_unix_description
 from credproxy._secret import Secret
-from credproxy.stores._interfaces import IProviderKeyStore, ITokenStore
+from credproxy.broker import Broker
 from credproxy.wire._server import CredentialServerFactory
 
 
@@ -43,8 +43,7 @@ class RPCFace(MultiService):
         self,
         reactor: IReactorTime,
         endpoints: Sequence[str],
-        token_store: ITokenStore,
-        key_store: IProviderKeyStore,
+        broker: Broker,
         capability_token: Secret | None = None,
         *,
         allowed_uids: frozenset[int] = frozenset(),
@@ -58,8 +57,7 @@ class RPCFace(MultiService):
                 )
         self.factory = CredentialServerFactory(
             reactor,
-            token_store,
-            key_store,
+            broker,
             capability_token,
             allowed_uids=allowed_uids or frozenset({os.getuid()}),
         )

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from credproxy._listen import peer_credentials
 from credproxy._secret import Secret
-from credproxy.stores._interfaces import IProviderKeyStore, ITokenStore
+from credproxy.broker import Broker
 from credproxy.wire import _audit, _handshake
 from credproxy.wire._codec import (
     LENGTH_PREFIX,
@@ -40,12 +40,12 @@ from credproxy.wire._codec import (
     decode_json_object,
     encode_json,
     frame,
+    js_number,
     max_body,
 )
+from credproxy.wire._op_table import OPERATIONS
 from credproxy.wire._ops import (
-    OPERATIONS,
     AuditRecord,
-    EntryLocks,
     OpContext,
     OpFailure,
     Status,
@@ -369,7 +369,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         self.version = version
         self.sandbox = required is not None
         self.MAX_LENGTH = max_body(version)
-        self._context = self.factory.context(self.sandbox)
+        self._context = self.factory.context(self.sandbox, self)
         self._state = _State.OPEN
         self._transport.write(frame(encode_json(_handshake.accepted(version))))
         _audit.connection_event(self.number, "handshake", version=version, sandbox=self.sandbox)
@@ -456,8 +456,12 @@ class CredentialServerProtocol(Int32StringReceiver):
         if not isinstance(result, Failure):
             self._answer({"id": request_id, "ok": True, "data": result})
         elif isinstance(result.value, OpFailure):
-            record.status = result.value.status
-            self._answer_error(request_id, result.value.code, result.value.message)
+            failure = result.value
+            record.status = failure.status
+            answer = _error(request_id, failure.code, failure.message)
+            if failure.retry_after is not None:
+                answer["retryAfter"] = js_number(failure.retry_after)
+            self._answer(answer)
         else:
             # Neither the exception's text nor its traceback is logged: a store
             # or provider error may quote the secret it was handling.
@@ -560,7 +564,7 @@ def _error(request_id: str, code: ErrorCode, message: str) -> dict[str, Any]:
 
 class CredentialServerFactory(Factory):
     """
-    What every connection of one credential socket shares: the stores, the
+    What every connection of one credential socket shares: the broker, the
     capability token (connections that present it are sandbox connections),
     the Unix peers allowed in, and the live connections, so a shutdown can
     end them all before the socket file goes away.
@@ -571,21 +575,18 @@ class CredentialServerFactory(Factory):
     def __init__(
         self,
         reactor: IReactorTime,
-        token_store: ITokenStore,
-        key_store: IProviderKeyStore,
+        broker: Broker,
         capability_token: Secret | None = None,
         *,
         allowed_uids: frozenset[int] = frozenset(),
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.reactor = reactor
-        self.token_store = token_store
-        self.key_store = key_store
+        self.broker = broker
         self.capability_token = capability_token
         self.allowed_uids = allowed_uids
         self.max_connections = max_connections
         self.accepting = True
-        self.locks = EntryLocks()
         self._connections: set[CredentialServerProtocol] = set()
         self._numbered = 0
         self._all_gone: list[Deferred[None]] = []
@@ -606,8 +607,8 @@ class CredentialServerFactory(Factory):
         """
         return uid == os.getuid() or uid in self.allowed_uids
 
-    def context(self, sandbox: bool) -> OpContext:
-        return OpContext(self.token_store, self.key_store, sandbox, self.locks)
+    def context(self, sandbox: bool, connection: object) -> OpContext:
+        return OpContext(self.broker, sandbox, connection)
 
     def buildProtocol(self, addr: object) -> CredentialServerProtocol | None:
         if not self.accepting or len(self._connections) >= self.max_connections:
@@ -623,6 +624,7 @@ class CredentialServerFactory(Factory):
 
     def connection_lost(self, connection: CredentialServerProtocol) -> None:
         self._connections.discard(connection)
+        self.broker.sessions.drop_owner(connection)
         if not self._connections:
             waiting, self._all_gone = self._all_gone, []
             for d in waiting:

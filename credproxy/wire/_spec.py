@@ -123,6 +123,15 @@ class Message:
     MISSING_SESSION_ID: Final = "Missing session_id"
     MISSING_CODE: Final = "Missing code"
     SESSION_NOT_FOUND: Final = "OAuth session not found"
+    # sandbox refusals of ops a sandbox may never use (llxprt's texts)
+    SANDBOX_CANNOT_MODIFY_TOKENS: Final = "Sandbox connections cannot modify tokens"
+    SANDBOX_CANNOT_REMOVE_TOKENS: Final = "Sandbox connections cannot remove tokens"
+    SANDBOX_CANNOT_CHECK_KEYS: Final = "Sandbox connections cannot check key existence"
+    SANDBOX_CANNOT_REFRESH: Final = "Sandbox connections cannot refresh tokens"
+    SANDBOX_CANNOT_INITIATE_OAUTH: Final = "Sandbox connections cannot initiate OAuth"
+    SANDBOX_CANNOT_EXCHANGE_OAUTH: Final = "Sandbox connections cannot exchange OAuth tokens"
+    SANDBOX_CANNOT_POLL_OAUTH: Final = "Sandbox connections cannot poll OAuth tokens"
+    SANDBOX_CANNOT_CANCEL_OAUTH: Final = "Sandbox connections cannot cancel OAuth sessions"
     # client side
     CONNECTION_LOST: Final = "Credential proxy connection lost. Restart the session."
     SANDBOX_KEY_MANAGEMENT: Final = (

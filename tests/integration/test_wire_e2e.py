@@ -26,7 +26,8 @@ from zope.interface import implementer
 
 from credproxy._listen import unix_description
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.broker import Broker
+from credproxy.stores import Token
 from credproxy.inner import (
     BlockingProxyProviderKeyStorage,
     BlockingProxyTokenStore,
@@ -112,8 +113,8 @@ class Host:
         await self.keys.save_key("anthropic", Secret(KEY))
 
     def start(self) -> None:
-        self.face = RPCFace(reactor, [unix_description(self.path)], self.tokens, self.keys,
-                            self.capability_token)
+        broker = Broker(reactor, self.tokens, self.keys)  # type: ignore[arg-type]
+        self.face = RPCFace(reactor, [unix_description(self.path)], broker, self.capability_token)
         self.face.startService()
 
     async def stop(self) -> None:

@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from credproxy._listen import unix_description
 from credproxy._secret import Secret
+from credproxy.broker import Broker
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import RPCFace, RPCFaceConfigError
 
@@ -62,9 +63,13 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
+def _broker() -> Broker:
+    return Broker(reactor, MemoryTokenStore(), MemoryProviderKeyStore())  # type: ignore[arg-type]
+
+
 def _start(path: str, token: Secret | None = None) -> RPCFace:
     face = RPCFace(
-        reactor, [unix_description(path)], MemoryTokenStore(), MemoryProviderKeyStore(), token
+        reactor, [unix_description(path)], _broker(), token
     )
     face.startService()
     return face
@@ -140,7 +145,7 @@ async def test_stop_hard_closes_a_peer_that_never_reads(socket_dir: str) -> None
     path = os.path.join(socket_dir, "cred.sock")
     keys = MemoryProviderKeyStore()
     await keys.save_key("big", Secret("k" * (3 * 1024 * 1024)))
-    face = RPCFace(reactor, [unix_description(path)], MemoryTokenStore(), keys)
+    face = RPCFace(reactor, [unix_description(path)], Broker(reactor, MemoryTokenStore(), keys))
     face.startService()
     sock = await deferToThread(_connect, path)
     try:
@@ -192,8 +197,7 @@ def test_tcp_without_a_capability_token_is_refused() -> None:
         RPCFace(
             reactor,
             ["tcp:port=0:interface=127.0.0.1"],
-            MemoryTokenStore(),
-            MemoryProviderKeyStore(),
+            _broker(),
         )
 
 
@@ -240,8 +244,7 @@ async def test_peer_of_another_uid_is_closed_unless_allowed(socket_dir: str) -> 
         face = RPCFace(
             reactor,
             [unix_description(path)],
-            MemoryTokenStore(),
-            MemoryProviderKeyStore(),
+            _broker(),
             allowed_uids=allowed,
         )
         face.startService()

@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.broker.tokens import Token
+from credproxy.stores import Token
+from credproxy.broker import Broker
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import CredentialServerFactory, CredentialServerProtocol
 from tests.logcapture import captured_log, log_text
@@ -86,8 +87,7 @@ class Connection:
         self.keys: Any = keys if keys is not None else MemoryProviderKeyStore()
         self.factory = factory or CredentialServerFactory(
             self.clock,
-            self.tokens,
-            self.keys,
+            Broker(self.clock, self.tokens, self.keys),
             Secret(capability_token) if capability_token is not None else None,
         )
         protocol = self.factory.buildProtocol(None)

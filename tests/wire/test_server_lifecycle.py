@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from credproxy.broker import Broker
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import CredentialServerFactory
 from credproxy.wire._spec import MAX_CONNECTIONS, SHUTDOWN_HARD_CLOSE_DELAY
@@ -18,7 +19,9 @@ from tests.wire.test_server_dispatch import ControlledTokenStore
 
 def _factory(clock: Clock, max_connections: int = MAX_CONNECTIONS) -> CredentialServerFactory:
     return CredentialServerFactory(
-        clock, MemoryTokenStore(), MemoryProviderKeyStore(), max_connections=max_connections
+        clock,
+        Broker(clock, MemoryTokenStore(), MemoryProviderKeyStore()),
+        max_connections=max_connections,
     )
 
 
@@ -42,7 +45,7 @@ class ShutdownTests(SynchronousTestCase):
     def test_end_sends_eof_abandons_ops_and_hard_closes(self) -> None:
         clock = Clock()
         store = ControlledTokenStore()
-        factory = CredentialServerFactory(clock, store, MemoryProviderKeyStore())
+        factory = CredentialServerFactory(clock, Broker(clock, store, MemoryProviderKeyStore()))
         busy = Connection(factory=factory, clock=clock).open()
         idle = Connection(factory=factory, clock=clock).open()
         busy.send(request("w", "get_token", provider="wait-1"))

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from credproxy.broker.tokens import Token
 from credproxy.stores import MemoryTokenStore
+from credproxy.wire._spec import Message
 from tests.wire.server_harness import (
     ACCESS,
     CAPABILITY,
@@ -195,21 +196,36 @@ class SandboxMatrixTests(SynchronousTestCase):
             ("get_token", {}),
             ("get_api_key", {"name": "nope"}),
             ("get_api_key", {}),
-            ("save_token", {"provider": "anthropic", "token": {"access_token": "x"}}),
-            ("save_token", {}),
-            ("remove_token", {"provider": "anthropic"}),
-            ("remove_token", {}),
-            ("has_api_key", {"name": "anthropic"}),
-            ("has_api_key", {}),
-            ("refresh_token", {"provider": "anthropic"}),
-            ("oauth_initiate", {}),
-            ("oauth_exchange", {}),
-            ("oauth_poll", {"session_id": "s"}),
-            ("oauth_cancel", {}),
         ]
         for op, payload in cases:
             self.assertEqual(
                 self.c.ask("i", op, **payload), {"id": "i", **FORBIDDEN}, (op, payload)
+            )
+
+    def test_ops_a_sandbox_may_never_use_are_refused_with_their_own_text(self) -> None:
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            (
+                "save_token",
+                {"provider": "anthropic", "token": {"access_token": "x"}},
+                Message.SANDBOX_CANNOT_MODIFY_TOKENS,
+            ),
+            ("save_token", {}, Message.SANDBOX_CANNOT_MODIFY_TOKENS),
+            ("remove_token", {"provider": "anthropic"}, Message.SANDBOX_CANNOT_REMOVE_TOKENS),
+            ("remove_token", {}, Message.SANDBOX_CANNOT_REMOVE_TOKENS),
+            ("has_api_key", {"name": "anthropic"}, Message.SANDBOX_CANNOT_CHECK_KEYS),
+            ("has_api_key", {}, Message.SANDBOX_CANNOT_CHECK_KEYS),
+            ("refresh_token", {"provider": "anthropic"}, Message.SANDBOX_CANNOT_REFRESH),
+            ("refresh_token", {}, Message.SANDBOX_CANNOT_REFRESH),
+            ("oauth_initiate", {}, Message.SANDBOX_CANNOT_INITIATE_OAUTH),
+            ("oauth_exchange", {}, Message.SANDBOX_CANNOT_EXCHANGE_OAUTH),
+            ("oauth_poll", {"session_id": "s"}, Message.SANDBOX_CANNOT_POLL_OAUTH),
+            ("oauth_cancel", {}, Message.SANDBOX_CANNOT_CANCEL_OAUTH),
+        ]
+        for op, payload, message in cases:
+            self.assertEqual(
+                self.c.ask("i", op, **payload),
+                {"id": "i", "ok": False, "code": "FORBIDDEN", "error": message},
+                (op, payload),
             )
         stored = self.c.tokens.get_token("anthropic").result
         self.assertEqual(stored["access_token"], ACCESS)
@@ -310,4 +326,4 @@ class SaveSerializationTests(SynchronousTestCase):
         stored = MemoryTokenStore.get_token(store, "p").result
         assert isinstance(stored, Token)
         self.assertEqual(dict(stored), {"a": 1, "b": 2})
-        self.assertEqual(len(c.factory.locks), 0)
+        self.assertEqual(len(c.factory.broker.locks), 0)

@@ -1,0 +1,67 @@
+"""
+Per-bucket request counters, one implementation that every host store
+composes, so that C{get_bucket_stats} answers the same whatever backs the
+tokens. They live in this process's memory only: they describe this run's
+traffic, and writing them to a keyring or file on every request would turn
+each proxied request into a backend write.
+"""
+
+from __future__ import annotations
+
+from credproxy.stores._interfaces import DEFAULT_BUCKET, BucketStats
+
+# Distinct (provider, bucket) entries counted at once. Buckets are few in
+# practice; the bound keeps a caller that records arbitrary names from
+# growing the process without limit. The least recently used entry goes.
+MAX_COUNTED_ENTRIES = 4096
+
+
+class RequestCounters:
+    """
+    How many upstream requests each bucket's token served, and when last.
+    """
+
+    def __init__(self, max_entries: int = MAX_COUNTED_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        # Insertion order is recency order: record() moves an entry to the end.
+        self._entries: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"<RequestCounters entries={len(self._entries)}>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, provider: str, bucket: str | None, when: float) -> None:
+        """
+        Count one request made with this bucket's token at Unix time C{when}.
+        """
+        entry = (provider, bucket or DEFAULT_BUCKET)
+        count, _ = self._entries.pop(entry, (0, 0.0))
+        self._entries[entry] = (count + 1, when)
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def forget(self, provider: str, bucket: str | None) -> None:
+        """
+        Drop the counters of a bucket whose token was removed, so a later token
+        in that bucket starts from zero and removed buckets hold no memory.
+        """
+        self._entries.pop((provider, bucket or DEFAULT_BUCKET), None)
+
+    def stats(self, provider: str, bucket: str | None) -> BucketStats:
+        """
+        The bucket's counters; its percentage is its share of the requests of
+        all of C{provider}'s buckets.
+        """
+        name = bucket or DEFAULT_BUCKET
+        total = sum(n for (p, _), (n, _) in self._entries.items() if p == provider)
+        count, last = self._entries.get((provider, name), (0, None))
+        return BucketStats(
+            bucket=name,
+            request_count=count,
+            percentage=100.0 * count / total if total else 0.0,
+            last_used=last,
+        )

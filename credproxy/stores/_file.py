@@ -1,0 +1,471 @@
+"""
+The host's stores as JSON files, for hosts without a Secret Service: one
+file per store (C{tokens.json}, C{keys.json}) in a private state directory
+(mode 0700, files 0600).
+
+A file is never half-written: a write goes to a temporary file in the same
+directory, is fsynced, renamed over the old one, and the directory fsynced,
+so a crash at any point leaves either the old or the new file. Several
+credproxy processes may share the directory: a write takes an exclusive
+fcntl lock on a sibling lock file, re-reads the file, applies its one
+change, writes and unlocks, so two processes saving different entries both
+keep theirs. Reads are cached in memory; C{invalidate} makes the next read
+go to the file again. A file that is not ours (not JSON, wrong shape, too
+large) is an error, never silently replaced: it may hold the only copy of a
+refresh token.
+
+All file I/O runs on L{IBlockingCalls}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from credproxy._secret import Secret
+from credproxy.stores._counters import RequestCounters
+from credproxy.stores._interfaces import (
+    DEFAULT_BUCKET,
+    BucketStats,
+    IHostProviderKeyStore,
+    IHostTokenStore,
+    StoreCorrupt,
+    StoreError,
+)
+from credproxy.stores._threads import IBlockingCalls
+from credproxy.stores._token import Token
+
+TOKENS_FILE = "tokens.json"
+KEYS_FILE = "keys.json"
+FILE_VERSION = 1
+# The largest store file read or written. Tokens are a few KiB each; a file
+# this large is not ours, and reading it whole must not exhaust memory.
+MAX_FILE_SIZE = 16 * 1024 * 1024
+# How long a write waits for another process's lock on the same file. A
+# write holds it for milliseconds, so a longer wait means a stuck process.
+LOCK_TIMEOUT = 10.0
+_LOCK_POLL = 0.01
+_TEMP_SUFFIX = ".tmp"
+
+_S = TypeVar("_S")
+_R = TypeVar("_R")
+Entry = tuple[str, str]
+TokenState = dict[Entry, Token]
+KeyState = dict[str, Secret]
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(
+    path: str, data: bytes, *, replace: Callable[[str, str], None] = os.replace
+) -> None:
+    """
+    Replace C{path} with C{data} so that a reader, or a crash at any point,
+    sees either the old file or the new one: a temporary file (mode 0600) in
+    the same directory, fsynced, renamed over C{path}, then the directory
+    fsynced so the rename itself survives a power loss.
+
+    @param replace: the rename (C{os.replace}); a test passes one that fails.
+    """
+    directory, name = os.path.split(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(directory)
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """
+    Remove temporary files a crashed writer left behind. Only a writer holding
+    the lock creates one, so while we hold it any that exist are garbage.
+    """
+    directory, name = os.path.split(path)
+    prefix = f".{name}."
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and entry.endswith(_TEMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
+
+
+def ensure_state_dir(directory: str) -> None:
+    """
+    Create the state directory with mode 0700, or check that an existing one
+    is a directory of ours and make it private.
+
+    @raise StoreError: if it cannot be created, is not a directory, or
+        belongs to another user.
+    """
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError as e:
+        raise StoreError(f"cannot create state directory {directory}: {e.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StoreError(f"state directory {directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise StoreError(f"state directory {directory} belongs to uid {info.st_uid}, not to us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+
+
+@contextlib.contextmanager
+def _locked(path: str, timeout: float) -> Iterator[None]:
+    """
+    Hold an exclusive lock on C{path}'s sibling lock file (never on the file
+    itself, which the rename replaces), for at most C{timeout} seconds of waiting.
+    """
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StoreError(f"cannot open lock file {lock_path}: {e.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise StoreError(f"cannot lock {lock_path}: {e.strerror}") from None
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"{lock_path} stayed locked by another process for {timeout:g} s; not written"
+                )
+            time.sleep(_LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class _StateFile(Generic[_S]):
+    """
+    One store file, on the blocking side (called on the thread pool only):
+    bounded reads, and locked read-modify-write updates.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        parse: Callable[[Any], _S],
+        dump: Callable[[_S], Any],
+        *,
+        max_size: int,
+        lock_timeout: float,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.parse = parse
+        self.dump = dump
+        self.max_size = max_size
+        self.lock_timeout = lock_timeout
+
+    def _too_large(self) -> StoreError:
+        return StoreCorrupt(
+            f"{self.path} is larger than {self.max_size} bytes; not a credproxy {self.kind} file"
+        )
+
+    def read(self) -> _S:
+        """
+        The file's content; a missing file (or directory) is an empty store.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self.parse({"version": FILE_VERSION, self.kind: {}})
+        except OSError as e:
+            raise StoreError(f"cannot read {self.path}: {e.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_size > self.max_size:
+                raise self._too_large()
+            data = f.read(self.max_size + 1)  # bounded even if it grows meanwhile
+        if len(data) > self.max_size:
+            raise self._too_large()
+        try:
+            return self.parse(json.loads(data))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            # from None: a JSONDecodeError carries the whole document.
+            raise StoreCorrupt(
+                f"{self.path} is not a credproxy {self.kind} file (version {FILE_VERSION});"
+                " credproxy will not overwrite it: repair or move it away"
+            ) from None
+
+    def update(self, change: Callable[[_S], _R]) -> tuple[_S, _R]:
+        """
+        Under the lock: re-read the file (another process may have written
+        it), apply C{change} to that content, write it back atomically.
+        """
+        directory = os.path.dirname(self.path)
+        ensure_state_dir(directory)
+        with _locked(self.path, self.lock_timeout):
+            _remove_stale_temporaries(self.path)
+            state = self.read()
+            result = change(state)
+            data = json.dumps(self.dump(state), indent=1, sort_keys=True).encode("utf-8")
+            if len(data) > self.max_size:
+                raise StoreError(
+                    f"{self.path} would grow beyond {self.max_size} bytes; not written"
+                )
+            try:
+                write_atomically(self.path, data)
+            except OSError as e:
+                raise StoreError(f"cannot write {self.path}: {e.strerror}") from None
+        return state, result
+
+
+def _check_version(data: Any, field: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or data.get("version") != FILE_VERSION:
+        raise ValueError
+    members = data[field]
+    if not isinstance(members, dict):
+        raise ValueError
+    return members
+
+
+def _parse_tokens(data: Any) -> TokenState:
+    state: TokenState = {}
+    for provider, buckets in _check_version(data, "tokens").items():
+        if not isinstance(buckets, dict):
+            raise ValueError
+        for bucket, token in buckets.items():
+            if not isinstance(token, dict):
+                raise ValueError
+            state[(provider, bucket)] = Token(token)
+    return state
+
+
+def _dump_tokens(state: TokenState) -> dict[str, Any]:
+    tokens: dict[str, dict[str, Any]] = {}
+    for (provider, bucket), token in state.items():
+        tokens.setdefault(provider, {})[bucket] = token.to_json()
+    return {"version": FILE_VERSION, "tokens": tokens}
+
+
+def _parse_keys(data: Any) -> KeyState:
+    state: KeyState = {}
+    for name, value in _check_version(data, "keys").items():
+        if not isinstance(value, str):
+            raise ValueError
+        state[name] = Secret(value)
+    return state
+
+
+def _dump_keys(state: KeyState) -> dict[str, Any]:
+    return {"version": FILE_VERSION, "keys": {name: key.reveal() for name, key in state.items()}}
+
+
+class _CachedFile(Generic[_S]):
+    """
+    The reactor side of one store file: the cached content, reads that miss
+    and writes serialized (so the cache follows the order of the writes), and
+    a generation so a read that began before an C{invalidate} is not cached.
+    """
+
+    def __init__(self, file: _StateFile[_S], calls: IBlockingCalls) -> None:
+        self.file = file
+        self.calls = calls
+        self.state: _S | None = None
+        self._lock = DeferredLock()
+        self._generation = 0
+
+    def read(self) -> Deferred[_S]:
+        if self.state is not None:
+            return succeed(self.state)
+        result: Deferred[_S] = self._lock.run(self._read_missed)
+        return result
+
+    def _read_missed(self) -> Deferred[_S]:
+        if self.state is not None:
+            return succeed(self.state)
+        generation = self._generation
+
+        def loaded(state: _S) -> _S:
+            if generation == self._generation:
+                self.state = state
+            return state
+
+        return self.calls.run(self.file.read).addCallback(loaded)
+
+    def update(self, change: Callable[[_S], _R]) -> Deferred[_R]:
+        result: Deferred[_R] = self._lock.run(self._update, change)
+        return result
+
+    def _update(self, change: Callable[[_S], _R]) -> Deferred[_R]:
+        def written(outcome: tuple[_S, _R]) -> _R:
+            self.state, result = outcome
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            self.invalidate()  # the file's state is unknown now
+            return failure
+
+        d: Deferred[tuple[_S, _R]] = self.calls.run(self.file.update, change)
+        return d.addCallbacks(written, failed)
+
+    def invalidate(self) -> None:
+        self.state = None
+        self._generation += 1
+
+
+@implementer(IHostTokenStore)
+class FileTokenStore:
+    """
+    OAuth tokens in C{tokens.json} of a state directory.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        calls: IBlockingCalls,
+        *,
+        max_size: int = MAX_FILE_SIZE,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        self.path = os.path.join(directory, TOKENS_FILE)
+        self.description = f"file ({self.path})"
+        self._file = _CachedFile(
+            _StateFile(
+                self.path,
+                "tokens",
+                _parse_tokens,
+                _dump_tokens,
+                max_size=max_size,
+                lock_timeout=lock_timeout,
+            ),
+            calls,
+        )
+        self.counters = RequestCounters()
+
+    def __repr__(self) -> str:
+        return f"<FileTokenStore {self.path}>"
+
+    def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
+        entry = (provider, bucket or DEFAULT_BUCKET)
+        return self._file.read().addCallback(lambda state: state.get(entry))
+
+    def save_token(self, provider: str, token: Token, bucket: str | None = None) -> Deferred[None]:
+        entry = (provider, bucket or DEFAULT_BUCKET)
+        token = Token(token)
+
+        def change(state: TokenState) -> None:
+            state[entry] = token
+
+        return self._file.update(change)
+
+    def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
+        entry = (provider, bucket or DEFAULT_BUCKET)
+
+        def change(state: TokenState) -> None:
+            state.pop(entry, None)
+
+        def removed(result: None) -> None:
+            self.counters.forget(provider, bucket)
+
+        return self._file.update(change).addCallback(removed)
+
+    def list_providers(self) -> Deferred[list[str]]:
+        return self._file.read().addCallback(lambda state: sorted({p for p, _ in state}))
+
+    def list_buckets(self, provider: str) -> Deferred[list[str]]:
+        return self._file.read().addCallback(
+            lambda state: sorted(b for p, b in state if p == provider)
+        )
+
+    def get_bucket_stats(
+        self, provider: str, bucket: str | None = None
+    ) -> Deferred[BucketStats | None]:
+        def stats(token: Token | None) -> BucketStats | None:
+            return None if token is None else self.counters.stats(provider, bucket)
+
+        return self.get_token(provider, bucket).addCallback(stats)
+
+    def record_request(self, provider: str, bucket: str | None, when: float) -> None:
+        self.counters.record(provider, bucket, when)
+
+    def invalidate(self, provider: str, bucket: str | None = None) -> None:
+        # One file holds every entry: the next read re-reads all of it.
+        self._file.invalidate()
+
+
+@implementer(IHostProviderKeyStore)
+class FileProviderKeyStore:
+    """
+    Named API keys in C{keys.json} of a state directory.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        calls: IBlockingCalls,
+        *,
+        max_size: int = MAX_FILE_SIZE,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        self.path = os.path.join(directory, KEYS_FILE)
+        self.description = f"file ({self.path})"
+        self._file = _CachedFile(
+            _StateFile(
+                self.path,
+                "keys",
+                _parse_keys,
+                _dump_keys,
+                max_size=max_size,
+                lock_timeout=lock_timeout,
+            ),
+            calls,
+        )
+
+    def __repr__(self) -> str:
+        return f"<FileProviderKeyStore {self.path}>"
+
+    def get_key(self, name: str) -> Deferred[Secret | None]:
+        return self._file.read().addCallback(lambda state: state.get(name))
+
+    def save_key(self, name: str, key: Secret) -> Deferred[None]:
+        def change(state: KeyState) -> None:
+            state[name] = key
+
+        return self._file.update(change)
+
+    def delete_key(self, name: str) -> Deferred[bool]:
+        def change(state: KeyState) -> bool:
+            return state.pop(name, None) is not None
+
+        return self._file.update(change)
+
+    def list_keys(self) -> Deferred[list[str]]:
+        return self._file.read().addCallback(sorted)
+
+    def has_key(self, name: str) -> Deferred[bool]:
+        return self._file.read().addCallback(lambda state: name in state)
+
+    def invalidate(self, name: str) -> None:
+        self._file.invalidate()

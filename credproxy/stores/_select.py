@@ -1,0 +1,186 @@
+"""
+Choosing the host's stores (C{--store auto|keyring|file|memory}).
+
+A keyring counts only when it is a Secret Service that answers: the
+C{keyring} library otherwise falls back to backends that keep secrets in a
+plaintext file (C{keyrings.alt}) or that fail on every call, and credproxy
+should rather say so, and use its own private files, than hand tokens to one
+of those.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import keyring
+from keyring.backend import KeyringBackend
+from keyring.backends.chainer import ChainerBackend
+from keyring.backends.SecretService import Keyring as SecretServiceKeyring
+
+from credproxy.stores._file import KEYS_FILE, TOKENS_FILE, FileProviderKeyStore, FileTokenStore
+from credproxy.stores._interfaces import IHostProviderKeyStore, IHostTokenStore, StoreUnavailable
+from credproxy.stores._keyring import (
+    SERVICE,
+    TOKEN_INDEX_ITEM,
+    KeyringProviderKeyStore,
+    KeyringTokenStore,
+)
+from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores._threads import IBlockingCalls
+
+STORE_KINDS = ("auto", "keyring", "file", "memory")
+# How long choosing a store waits for the Secret Service: at start a locked
+# keyring may show an unlock prompt that nobody answers.
+PROBE_TIMEOUT = 5.0
+
+KEYRING_HELP = (
+    "install and run a Secret Service (on Debian: apt-get install gnome-keyring,"
+    " and run gnome-keyring-daemon unlocked in your session, or use KeePassXC's"
+    " Secret Service), or use --store file"
+)
+
+
+@dataclass(frozen=True)
+class HostStores:
+    """
+    The token and key store the host's broker uses, and what backs them
+    (for the start-up log line; never a secret).
+    """
+
+    tokens: IHostTokenStore
+    keys: IHostProviderKeyStore
+    description: str
+
+
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> str:
+    """
+    Where the file stores live: C{$XDG_STATE_HOME/credproxy}, else
+    C{~/.local/state/credproxy} (the XDG default; a relative
+    C{XDG_STATE_HOME} is invalid and ignored, as the spec says).
+    """
+    base = environ.get("XDG_STATE_HOME")
+    if base and os.path.isabs(base):
+        return os.path.join(base, "credproxy")
+    home = environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir
+    return os.path.join(home, ".local", "state", "credproxy")
+
+
+def _qualified(backend: KeyringBackend) -> str:
+    cls = type(backend)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _secret_service_in(backend: KeyringBackend) -> SecretServiceKeyring | None:
+    """
+    The Secret Service backend itself, or the one a chainer would use. The
+    stores then talk to it alone: a chainer would quietly write to its next
+    backend (perhaps a plaintext file) when the Secret Service fails.
+    """
+    if isinstance(backend, SecretServiceKeyring):
+        return backend
+    if isinstance(backend, ChainerBackend):
+        for member in backend.backends:
+            if isinstance(member, SecretServiceKeyring):
+                return member
+    return None
+
+
+def _find_secret_service(
+    backend: KeyringBackend | None,
+) -> tuple[SecretServiceKeyring | None, str]:
+    """
+    Blocking: the usable Secret Service backend, or None and why not.
+    """
+    try:
+        chosen = backend if backend is not None else keyring.get_keyring()
+        service = _secret_service_in(chosen)
+    except Exception as e:
+        return None, f"the keyring library failed to choose a backend ({type(e).__name__})"
+    if service is None:
+        return None, f"the keyring backend is {_qualified(chosen)}, not a Secret Service"
+    try:
+        service.get_password(SERVICE, TOKEN_INDEX_ITEM)  # a real call; its value is dropped
+    except Exception as e:
+        return None, f"the Secret Service did not answer ({type(e).__name__})"
+    return service, "usable"
+
+
+def _probe(
+    backend: KeyringBackend | None, timeout: float
+) -> tuple[SecretServiceKeyring | None, str]:
+    """
+    L{_find_secret_service} on a short-lived daemon thread, so that a D-Bus
+    peer that never answers (or an unlock prompt nobody sees) costs at most
+    C{timeout} seconds and cannot keep the process from exiting.
+    """
+    outcome: list[tuple[SecretServiceKeyring | None, str]] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_find_secret_service(backend)),
+        name="credproxy-keyring-probe",
+        daemon=True,
+    )
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return None, f"the Secret Service did not answer within {timeout:g} s"
+    return outcome[0]
+
+
+def usable_keyring(backend: KeyringBackend | None, *, timeout: float = PROBE_TIMEOUT) -> bool:
+    """
+    Whether C{backend} (None: the keyring library's choice) is, or chains to,
+    a Secret Service that answers a call within C{timeout} seconds. Plaintext
+    (C{keyrings.alt}), C{fail} and C{null} backends never count.
+    """
+    return _probe(backend, timeout)[0] is not None
+
+
+def _file_stores(state_dir: str, calls: IBlockingCalls, note: str = "") -> HostStores:
+    tokens = FileTokenStore(state_dir, calls)
+    keys = FileProviderKeyStore(state_dir, calls)
+    paths = f"{os.path.join(state_dir, TOKENS_FILE)}, {os.path.join(state_dir, KEYS_FILE)}"
+    return HostStores(tokens, keys, f"file ({paths}){note}")
+
+
+def open_host_stores(
+    kind: str,
+    state_dir: str,
+    calls: IBlockingCalls,
+    *,
+    backend: KeyringBackend | None = None,
+    probe_timeout: float = PROBE_TIMEOUT,
+) -> HostStores:
+    """
+    The host's stores for C{--store KIND}: C{keyring} (a usable Secret
+    Service, else L{StoreUnavailable}), C{file} (C{tokens.json} and
+    C{keys.json} in C{state_dir}), C{memory}, or C{auto} (keyring when
+    usable, else file, saying why in the description).
+
+    Called once at start: it blocks for at most C{probe_timeout} seconds
+    while it asks the Secret Service.
+
+    @param backend: the keyring backend to consider; None means the keyring
+        library's own choice (C{keyring.get_keyring()}).
+    @raise ValueError: for an unknown C{kind}.
+    """
+    if kind == "memory":
+        return HostStores(
+            MemoryTokenStore(), MemoryProviderKeyStore(), MemoryTokenStore.description
+        )
+    if kind == "file":
+        return _file_stores(state_dir, calls)
+    if kind not in ("keyring", "auto"):
+        raise ValueError(f"unknown store {kind!r}: choose one of {', '.join(STORE_KINDS)}")
+    service, reason = _probe(backend, probe_timeout)
+    if service is not None:
+        tokens = KeyringTokenStore(calls, service)
+        return HostStores(tokens, KeyringProviderKeyStore(calls, service), tokens.description)
+    if kind == "keyring":
+        raise StoreUnavailable(
+            f"--store keyring: no usable Secret Service: {reason}; {KEYRING_HELP}"
+        )
+    return _file_stores(state_dir, calls, f" (no usable Secret Service: {reason})")

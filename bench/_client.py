@@ -16,8 +16,12 @@ Target = tuple[str, str] | tuple[str, str, int]  # ("unix", path) | ("tcp", host
 
 def messages_request(path: str, *, stream: bool, key: str) -> bytes:
     body = json.dumps(
-        {"model": "claude-bench", "max_tokens": 16, "stream": stream,
-         "messages": [{"role": "user", "content": "hello"}]}
+        {
+            "model": "claude-bench",
+            "max_tokens": 16,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hello"}],
+        }
     ).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"

@@ -26,8 +26,12 @@ from zope.interface import implementer
 
 MESSAGE = json.dumps(
     {
-        "id": "msg_bench", "type": "message", "role": "assistant", "model": "claude-bench",
-        "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-bench",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
         "usage": {"input_tokens": 5, "output_tokens": 1},
     }
 ).encode()

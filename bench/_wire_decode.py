@@ -22,8 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
 from credproxy.broker import Broker
-from credproxy.stores import Token
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore, Token
 from credproxy.wire import CredentialServerFactory
 from credproxy.wire._codec import decode_json_object
 from credproxy.wire._spec import MAX_FRAMES_PER_READ

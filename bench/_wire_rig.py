@@ -93,14 +93,17 @@ def server(directory: str, name: str, *, audit_log: bool = True) -> Iterator[Ser
     always stopped on the way out.
     """
     path = os.path.join(directory, f"{name}.sock")
-    log_args = ["--log", os.path.join(directory, f"{name}-audit.log")] if audit_log else [
-        "--no-log"
-    ]
+    log_args = (
+        ["--log", os.path.join(directory, f"{name}-audit.log")] if audit_log else ["--no-log"]
+    )
     errors = os.path.join(directory, f"{name}.err")
     with open(errors, "w") as sink:
         process = subprocess.Popen(
             [PY, "-m", "bench._wire_server", path, *log_args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=sink, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
         )
     try:
         assert process.stdout is not None
@@ -140,8 +143,11 @@ def measure(
         for command in commands:
             processes.append(
                 subprocess.Popen(
-                    [PY, "-m", *command], cwd=ROOT,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    [PY, "-m", *command],
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
             )
         for process in processes:
@@ -171,7 +177,9 @@ def measure(
                 raise RuntimeError("a connection's answers were never checked in full")
             answers += int(result["answers"])
         return LoadResult(
-            answers, seconds, (server_after - server_before) / seconds,
+            answers,
+            seconds,
+            (server_after - server_before) / seconds,
             (load_after - load_before) / seconds,
         )
     finally:

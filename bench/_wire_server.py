@@ -30,8 +30,7 @@ from zope.interface import implementer
 
 from credproxy._listen import unix_description
 from credproxy.broker import Broker
-from credproxy.stores import Token
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore, Token
 from credproxy.wire import RPCFace
 
 PROVIDER = "anthropic"
@@ -86,7 +85,7 @@ def main() -> None:
     face = RPCFace(
         reactor,
         [unix_description(args.socket) + ":backlog=1024"],
-        Broker(reactor, tokens, MemoryProviderKeyStore()),  # type: ignore[arg-type]
+        Broker(reactor, tokens, MemoryProviderKeyStore()),
     )
     face.startService()
     reactor.addSystemEventTrigger("before", "shutdown", face.stopService)

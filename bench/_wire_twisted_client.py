@@ -99,9 +99,7 @@ def main() -> None:
         if reactor.running:
             reactor.stop()
 
-    reactor.callWhenRunning(
-        lambda: ensureDeferred(run(args.socket, args.depth)).addBoth(finished)
-    )
+    reactor.callWhenRunning(lambda: ensureDeferred(run(args.socket, args.depth)).addBoth(finished))
     reactor.run()
     if outcome and isinstance(outcome[0], Failure):
         print(json.dumps({"error": outcome[0].getErrorMessage()}), flush=True)

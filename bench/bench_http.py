@@ -89,13 +89,24 @@ def rig() -> Iterator[Rig]:
         tcp_port = free_port()
         with open(os.path.join(workdir, "proxy.log"), "wb") as log:
             proxy = subprocess.Popen(
-                [TWISTD, "--pidfile=", "-n", "credproxy",
-                 "--http", f"unix:address={unix_path}:backlog=2048",
-                 "--http", f"tcp:port={tcp_port}:interface=127.0.0.1:backlog=2048",
-                 "--capability-token-file", token_file,
-                 "--upstream", f"http://127.0.0.1:{upstream_port}"],
+                [
+                    TWISTD,
+                    "--pidfile=",
+                    "-n",
+                    "credproxy",
+                    "--http",
+                    f"unix:address={unix_path}:backlog=2048",
+                    "--http",
+                    f"tcp:port={tcp_port}:interface=127.0.0.1:backlog=2048",
+                    "--capability-token-file",
+                    token_file,
+                    "--upstream",
+                    f"http://127.0.0.1:{upstream_port}",
+                ],
                 env={**os.environ, "ANTHROPIC_API_KEY": KEY},
-                stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
             )
         deadline = time.monotonic() + 30
         while not os.path.exists(unix_path):
@@ -121,8 +132,13 @@ def rig() -> Iterator[Rig]:
 def wrk_rate(url: str, key: str, seconds: int) -> float | None:
     if shutil.which("wrk") is None:
         return None
-    body = json.dumps({"model": "claude-bench", "max_tokens": 16,
-                       "messages": [{"role": "user", "content": "hello"}]})
+    body = json.dumps(
+        {
+            "model": "claude-bench",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hello"}],
+        }
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(
             'wrk.method = "POST"\n'
@@ -134,7 +150,9 @@ def wrk_rate(url: str, key: str, seconds: int) -> float | None:
     try:
         out = subprocess.run(
             ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script.name, url],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     finally:
         os.unlink(script.name)
@@ -255,8 +273,11 @@ async def stall_growth(rig: Rig, stall: float) -> dict[str, float]:
         before = rss_kib(rig.proxy_pid)
         await asyncio.sleep(stall)  # read nothing
         after = rss_kib(rig.proxy_pid)
-        return {"before_mib": before / 1024, "after_mib": after / 1024,
-                "growth_mib": (after - before) / 1024}
+        return {
+            "before_mib": before / 1024,
+            "after_mib": after / 1024,
+            "growth_mib": (after - before) / 1024,
+        }
     finally:
         writer.transport.abort()
 
@@ -288,34 +309,74 @@ def main() -> None:
         count = 100 if quick else 1000
         direct_fb = asyncio.run(first_byte_times(r.direct, KEY, count))
         proxy_fb = asyncio.run(first_byte_times(r.proxied, TOKEN, count))
-        rows.append(("first byte p50 (ms)", f"{pct(direct_fb, .5)*1e3:.2f}",
-                     f"{pct(proxy_fb, .5)*1e3:.2f}",
-                     f"overhead {(pct(proxy_fb, .5)-pct(direct_fb, .5))*1e3:.2f} ms (≤ 2)"))
-        rows.append(("first byte p99 (ms)", f"{pct(direct_fb, .99)*1e3:.2f}",
-                     f"{pct(proxy_fb, .99)*1e3:.2f}", ""))
+        rows.append(
+            (
+                "first byte p50 (ms)",
+                f"{pct(direct_fb, 0.5) * 1e3:.2f}",
+                f"{pct(proxy_fb, 0.5) * 1e3:.2f}",
+                f"overhead {(pct(proxy_fb, 0.5) - pct(direct_fb, 0.5)) * 1e3:.2f} ms (≤ 2)",
+            )
+        )
+        rows.append(
+            (
+                "first byte p99 (ms)",
+                f"{pct(direct_fb, 0.99) * 1e3:.2f}",
+                f"{pct(proxy_fb, 0.99) * 1e3:.2f}",
+                "",
+            )
+        )
 
         size = (64 if quick else 1024) * MiB
         direct_mbs = asyncio.run(one_stream_rate(r.direct, KEY, size))
         proxy_mbs = asyncio.run(one_stream_rate(r.proxied, TOKEN, size))
-        rows.append((f"one stream of {size // MiB} MiB (MB/s)", f"{direct_mbs:,.0f}",
-                     f"{proxy_mbs:,.0f}", "≥ 300"))
+        rows.append(
+            (
+                f"one stream of {size // MiB} MiB (MB/s)",
+                f"{direct_mbs:,.0f}",
+                f"{proxy_mbs:,.0f}",
+                "≥ 300",
+            )
+        )
 
         streams = 100 if quick else 1000
         slow = asyncio.run(concurrent_slow_streams(r, streams, events=10, interval=0.5))
-        rows.append((f"{streams} concurrent slow streams (5 s each)", "",
-                     f"{slow['completed']:.0f} completed in {slow['elapsed']:.1f} s", "all"))
-        rows.append(("  proxy RSS baseline → peak (MiB)", "",
-                     f"{slow['baseline_mib']:.1f} → {slow['peak_mib']:.1f}", ""))
+        rows.append(
+            (
+                f"{streams} concurrent slow streams (5 s each)",
+                "",
+                f"{slow['completed']:.0f} completed in {slow['elapsed']:.1f} s",
+                "all",
+            )
+        )
+        rows.append(
+            (
+                "  proxy RSS baseline → peak (MiB)",
+                "",
+                f"{slow['baseline_mib']:.1f} → {slow['peak_mib']:.1f}",
+                "",
+            )
+        )
         rows.append(("  RSS per stream (KiB)", "", f"{slow['per_stream_kib']:.1f}", "≤ 50"))
 
         hang = asyncio.run(hangup_latency(r, 5 if quick else 20))
-        rows.append(("hang-up seen upstream p50 / max (ms)", "",
-                     f"{statistics.median(hang)*1e3:.1f} / {max(hang)*1e3:.1f}", "≤ 100"))
+        rows.append(
+            (
+                "hang-up seen upstream p50 / max (ms)",
+                "",
+                f"{statistics.median(hang) * 1e3:.1f} / {max(hang) * 1e3:.1f}",
+                "≤ 100",
+            )
+        )
 
         stall = asyncio.run(stall_growth(r, 2.0 if quick else 5.0))
-        rows.append(("RSS growth while agent stalls (MiB)", "",
-                     f"{stall['growth_mib']:.2f} ({stall['before_mib']:.1f} → "
-                     f"{stall['after_mib']:.1f})", "≤ 16"))
+        rows.append(
+            (
+                "RSS growth while agent stalls (MiB)",
+                "",
+                f"{stall['growth_mib']:.2f} ({stall['before_mib']:.1f} → {stall['after_mib']:.1f})",
+                "≤ 16",
+            )
+        )
 
     header = ("metric", "direct", "via credproxy", "target")
     widths = [max(len(row[i]) for row in [*rows, header]) for i in range(4)]

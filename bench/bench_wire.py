@@ -70,8 +70,14 @@ def decode_row(label: str, result: DecodeRate, target: str) -> Row:
 
 def raw(path: str, conns: int, tag: str) -> list[str]:
     return [
-        "bench._wire_load", path, "--conns", str(conns), "--depth", str(MAX_IN_FLIGHT),
-        "--tag", tag,
+        "bench._wire_load",
+        path,
+        "--conns",
+        str(conns),
+        "--depth",
+        str(MAX_IN_FLIGHT),
+        "--tag",
+        tag,
     ]
 
 
@@ -97,57 +103,91 @@ def main() -> None:
         with server(directory, "wire") as s:
             rss_before = rss_kib(s.pid)
             one = measure([raw(s.socket, 1, "a")], s.pid, warmup=warmup, seconds=seconds)
-            rows.append(load_row(f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight (raw client)",
-                                 one, "≥ 10,000"))
+            rows.append(
+                load_row(
+                    f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight (raw client)", one, "≥ 10,000"
+                )
+            )
             for processes in (1, 2):
                 many = measure(
-                    [raw(s.socket, n, f"m{processes}.{i}")
-                     for i, n in enumerate(split(conns, processes))],
-                    s.pid, warmup=warmup, seconds=seconds,
+                    [
+                        raw(s.socket, n, f"m{processes}.{i}")
+                        for i, n in enumerate(split(conns, processes))
+                    ],
+                    s.pid,
+                    warmup=warmup,
+                    seconds=seconds,
                 )
-                rows.append(load_row(
-                    f"get_token, {conns} conns x {MAX_IN_FLIGHT} in flight "
-                    f"({processes} raw client process{'es' if processes > 1 else ''})",
-                    many, "",
-                ))
+                rows.append(
+                    load_row(
+                        f"get_token, {conns} conns x {MAX_IN_FLIGHT} in flight "
+                        f"({processes} raw client process{'es' if processes > 1 else ''})",
+                        many,
+                        "",
+                    )
+                )
             twisted = measure(
                 [["bench._wire_twisted_client", s.socket, "--depth", str(MAX_IN_FLIGHT)]],
-                s.pid, warmup=warmup, seconds=seconds,
+                s.pid,
+                warmup=warmup,
+                seconds=seconds,
             )
-            rows.append(load_row(
-                f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight (ProxySocketClient)",
-                twisted, "reference",
-            ))
+            rows.append(
+                load_row(
+                    f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight (ProxySocketClient)",
+                    twisted,
+                    "reference",
+                )
+            )
             rss_after = rss_kib(s.pid)
-        rows.append(("server RSS before → after load (MiB)",
-                     f"{rss_before / 1024:.1f} → {rss_after / 1024:.1f}", "", "", ""))
+        rows.append(
+            (
+                "server RSS before → after load (MiB)",
+                f"{rss_before / 1024:.1f} → {rss_after / 1024:.1f}",
+                "",
+                "",
+                "",
+            )
+        )
 
         with server(directory, "quiet", audit_log=False) as s:
             quiet = measure([raw(s.socket, 1, "q")], s.pid, warmup=warmup, seconds=seconds)
-            rows.append(load_row(
-                f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight, audit trail discarded",
-                quiet, "",
-            ))
+            rows.append(
+                load_row(
+                    f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight, audit trail discarded",
+                    quiet,
+                    "",
+                )
+            )
 
         count = 100_000 if quick else 300_000
         stream, frame_len = request_stream(count)
         chunk = MAX_FRAMES_PER_READ * frame_len
         pieces = chunks(stream, chunk)
         budget = 1.0 if quick else 3.0
-        rows.append(decode_row(
-            f"server decode+answer, {frame_len}-byte get_token frames, {chunk:,}-byte reads",
-            server_rate(pieces, frame_len, budget, TOKEN), "",
-        ))
+        rows.append(
+            decode_row(
+                f"server decode+answer, {frame_len}-byte get_token frames, {chunk:,}-byte reads",
+                server_rate(pieces, frame_len, budget, TOKEN),
+                "",
+            )
+        )
         to_file.on = False
-        rows.append(decode_row(
-            "  the same, audit trail discarded",
-            server_rate(pieces, frame_len, budget, TOKEN), "",
-        ))
+        rows.append(
+            decode_row(
+                "  the same, audit trail discarded",
+                server_rate(pieces, frame_len, budget, TOKEN),
+                "",
+            )
+        )
         to_file.on = True
-        rows.append(decode_row(
-            "  framing + JSON decode only (Int32StringReceiver + decode_json_object)",
-            framing_rate(pieces, frame_len, budget), "≥ 50 (decoding)",
-        ))
+        rows.append(
+            decode_row(
+                "  framing + JSON decode only (Int32StringReceiver + decode_json_object)",
+                framing_rate(pieces, frame_len, budget),
+                "≥ 50 (decoding)",
+            )
+        )
         audit.close()
 
     header: Row = ("metric", "result", "server CPU", "load CPU", "target")

@@ -3,12 +3,16 @@ credproxy: a credential broker for AI-agent sandboxes.
 
 The public surface is what this module exports; everything in a C{_module} is
 private. C{credproxy.http}, C{credproxy.wire} (the credential socket, server and
-clients), C{credproxy.stores} and C{credproxy.inner} (the sandbox side)
-export their own names.
+clients), C{credproxy.broker} (stores, refresh, renewal, login),
+C{credproxy.stores}, C{credproxy.oauth} (token-endpoint flows),
+C{credproxy.inner} (the sandbox side) and C{credproxy.testing} (doubles for
+tests) export their own names.
 """
 
 from credproxy._secret import Secret, read_secret_file
+from credproxy.broker import Broker, SandboxPolicy
 from credproxy.broker.credentials import (
+    BrokerCredentialSource,
     CredentialKind,
     EnvironmentCredentialSource,
     FirstAvailableCredentialSource,
@@ -16,10 +20,13 @@ from credproxy.broker.credentials import (
     UpstreamCredential,
 )
 from credproxy.http import HTTPFace, HTTPProxyConfig, build_proxy_site
-from credproxy.service import CredproxyConfig, CredproxyService
+from credproxy.service import BrokerConfig, CredproxyConfig, CredproxyService
 from credproxy.wire import RPCFace
 
 __all__ = [
+    "Broker",
+    "BrokerConfig",
+    "BrokerCredentialSource",
     "CredentialKind",
     "CredproxyConfig",
     "CredproxyService",
@@ -29,6 +36,7 @@ __all__ = [
     "HTTPProxyConfig",
     "ICredentialSource",
     "RPCFace",
+    "SandboxPolicy",
     "Secret",
     "UpstreamCredential",
     "build_proxy_site",

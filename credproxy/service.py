@@ -1,7 +1,8 @@
 """
-Composition: which faces run, where they listen, what they share. This is the
-embedding API: a Twisted application builds a L{CredproxyService} (or the face
-itself) with its own reactor and credential source.
+Composition: which faces run, where they listen, and the one broker they
+share (stores, refresh, renewal, login). This is the embedding API: a Twisted
+application builds a L{CredproxyService} with its own reactor, and may hand it
+a broker or a credential source of its own.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from twisted.application.service import MultiService
+from keyring.backend import KeyringBackend
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
@@ -24,14 +27,23 @@ from credproxy._listen import (
     unix_description,
 )
 from credproxy._secret import Secret
-from credproxy.broker import Broker
-from credproxy.broker.credentials import ICredentialSource
+from credproxy.broker import Broker, SandboxPolicy
+from credproxy.broker._lock_file import FileRefreshLock, InProcessRefreshLock, IRefreshLock
+from credproxy.broker.credentials import BrokerCredentialSource, ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
+from credproxy.oauth import (
+    OAuthConfigError,
+    build_providers,
+    default_oauth_agent,
+    load_oauth_config,
+)
 from credproxy.stores import (
-    IProviderKeyStore,
-    ITokenStore,
-    MemoryProviderKeyStore,
-    MemoryTokenStore,
+    DEFAULT_BUCKET,
+    BlockingCalls,
+    IBlockingCalls,
+    StoreUnavailable,
+    default_state_dir,
+    open_host_stores,
 )
 from credproxy.wire import RPCFace
 
@@ -57,6 +69,26 @@ def default_rpc_endpoint(environ: Mapping[str, str] = os.environ) -> str:
 
 
 @dataclass(frozen=True)
+class BrokerConfig:
+    """
+    Where the broker keeps credentials and what it lets sandboxes do.
+
+    C{store} is C{auto} (a Secret Service keyring when one answers, else
+    files in C{state_dir}), C{keyring}, C{file} or C{memory}. C{oauth_config}
+    is a TOML file of OAuth providers; without it the built-in C{anthropic}
+    provider is configured. C{bucket} is the bucket of the stored anthropic
+    token the HTTP face uses.
+    """
+
+    store: str = "memory"
+    state_dir: str | None = None
+    oauth_config: str | None = None
+    bucket: str = DEFAULT_BUCKET
+    sandbox_readable: frozenset[str] | None = None
+    allow_sandbox_login: bool = False
+
+
+@dataclass(frozen=True)
 class CredproxyConfig:
     """
     Everything a running credproxy is told; the command line maps onto it
@@ -68,14 +100,72 @@ class CredproxyConfig:
     http: HTTPProxyConfig = field(default_factory=HTTPProxyConfig)
     capability_token: Secret | None = None
     grace: float = DEFAULT_GRACE
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+
+
+class CredproxyConfigError(ValueError):
+    """
+    The configuration cannot be served: an unusable store or a bad OAuth
+    provider file. The message is one line naming what is wrong.
+    """
+
+
+# The subdirectory of the state directory holding the refresh lock files.
+LOCKS_DIR_NAME = "refresh-locks"
+
+
+def build_broker(
+    reactor: Any,
+    config: BrokerConfig,
+    calls: IBlockingCalls,
+    *,
+    oauth_agent: IAgent | None = None,
+    keyring_backend: KeyringBackend | None = None,
+) -> Broker:
+    """
+    The broker the configuration describes: its stores, its OAuth providers
+    and, for stores other processes can share, the file lock that makes a
+    refresh happen once per host.
+
+    @raise CredproxyConfigError: the store is unusable or the provider file bad.
+    """
+    state_dir = config.state_dir or default_state_dir()
+    try:
+        stores = open_host_stores(config.store, state_dir, calls, backend=keyring_backend)
+    except StoreUnavailable as e:
+        raise CredproxyConfigError(str(e)) from None
+    try:
+        oauth = load_oauth_config(config.oauth_config)
+    except OAuthConfigError as e:
+        raise CredproxyConfigError(str(e)) from None
+    providers = build_providers(
+        oauth, reactor, oauth_agent if oauth_agent is not None else default_oauth_agent(reactor)
+    )
+    lock: IRefreshLock
+    if config.store == "memory":
+        lock = InProcessRefreshLock()  # nothing outside this process can see the tokens
+    else:
+        lock = FileRefreshLock(reactor, os.path.join(state_dir, LOCKS_DIR_NAME))
+    return Broker(
+        reactor,
+        stores.tokens,
+        stores.keys,
+        providers=providers,
+        refresh_lock=lock,
+        sandbox=SandboxPolicy(config.sandbox_readable, config.allow_sandbox_login),
+    )
 
 
 class CredproxyService(MultiService):
     """
-    The running faces (the HTTP face and the credential socket) with their
-    shared settings: the capability token and the Unix peers allowed in.
-    The credential socket serves C{token_store} and C{key_store} (in memory
-    when not given).
+    The running faces (the HTTP face and the credential socket) and the one
+    broker they share, with their shared settings: the capability token and
+    the Unix peers allowed in.
+
+    Without a C{broker}, one is built from C{config.broker}, with a thread
+    pool for its blocking store calls; without C{credentials}, the HTTP face
+    asks the broker (environment first, then the stores). Children start in
+    the order thread pool, broker, faces, and stop in the reverse order.
 
     Starting creates any missing socket directory with mode 0700 (the default
     runtime directory is also made private if it exists) before a face binds.
@@ -85,18 +175,39 @@ class CredproxyService(MultiService):
 
     def __init__(
         self,
-        reactor: object,
+        reactor: Any,
         config: CredproxyConfig,
-        credentials: ICredentialSource,
+        credentials: ICredentialSource | None = None,
         *,
+        broker: Broker | None = None,
         agent: IAgent | None = None,
-        token_store: ITokenStore | None = None,
-        key_store: IProviderKeyStore | None = None,
+        oauth_agent: IAgent | None = None,
+        calls: IBlockingCalls | None = None,
+        keyring_backend: KeyringBackend | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         super().__init__()
         self.config = config
         self._runtime_dir = default_runtime_dir(environ)
+        if broker is None:
+            if calls is None:
+                calls = BlockingCalls(reactor)
+            if IService.providedBy(calls):
+                calls.setServiceParent(self)
+            broker = build_broker(
+                reactor,
+                config.broker,
+                calls,
+                oauth_agent=oauth_agent,
+                keyring_backend=keyring_backend,
+            )
+        self.broker = broker
+        broker.setServiceParent(self)
+        if credentials is None:
+            credentials = BrokerCredentialSource(
+                broker, environ=environ, bucket=config.broker.bucket
+            )
+        self.credentials = credentials
         self.http_face: HTTPFace | None = None
         if config.http_endpoints:
             self.http_face = HTTPFace(
@@ -111,13 +222,9 @@ class CredproxyService(MultiService):
         self.rpc_face: RPCFace | None = None
         if config.rpc_endpoints:
             self.rpc_face = RPCFace(
-                reactor,  # type: ignore[arg-type]
+                reactor,
                 config.rpc_endpoints,
-                Broker(
-                    reactor,  # type: ignore[arg-type]
-                    token_store if token_store is not None else MemoryTokenStore(),  # type: ignore[arg-type]
-                    key_store if key_store is not None else MemoryProviderKeyStore(),
-                ),
+                broker,
                 config.capability_token,
                 allowed_uids=config.http.allowed_uids,
             )
@@ -149,9 +256,9 @@ class CredproxyService(MultiService):
         try:
             super().startService()
         except ListenError:
-            for face in self.faces():
-                if face.running:
-                    face.stopService()
+            for child in reversed(list(self)):
+                if child.running:
+                    child.stopService()
             self.running = False
             raise
         log.info(
@@ -159,6 +266,18 @@ class CredproxyService(MultiService):
             http=list(self.config.http_endpoints),
             rpc=list(self.config.rpc_endpoints),
         )
+        log.info("Credential store: {store}", store=self.broker.tokens.description)
+        if self.http_face is not None:
+            self.credentials.describe().addCallback(self._log_credential)
+
+    def _log_credential(self, description: str | None) -> None:
+        if description:
+            log.info("HTTP face credential: {source}", source=description)
+        else:
+            log.warn(
+                "NO CREDENTIAL: every request to the HTTP face will get a 401 until you {how}",
+                how=self.credentials.how_to_configure(),
+            )
 
     def stopService(self) -> Deferred[None]:
         log.info("credproxy stopping")

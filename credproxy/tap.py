@@ -15,15 +15,17 @@ from twisted.python import usage
 
 from credproxy._listen import ListenError, is_unix_description, parse_unix_description
 from credproxy._secret import Secret, read_secret_file
-from credproxy.broker.credentials import EnvironmentCredentialSource
 from credproxy.http import HTTPProxyConfig
 from credproxy.service import (
     DEFAULT_GRACE,
+    BrokerConfig,
     CredproxyConfig,
+    CredproxyConfigError,
     CredproxyService,
     default_http_endpoint,
     default_rpc_endpoint,
 )
+from credproxy.stores import DEFAULT_BUCKET, STORE_KINDS, default_state_dir
 
 _DEFAULTS = HTTPProxyConfig()
 
@@ -38,7 +40,9 @@ def _byte_count(value: str) -> int:
 class Options(usage.Options):
     """
     C{twistd credproxy [--http ENDPOINT]... [--rpc ENDPOINT]... [--upstream URL]
-    [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]}
+    [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]
+    [--store KIND] [--state-dir PATH] [--config PATH] [--bucket NAME] [--sandbox-read NAME]...
+    [--allow-sandbox-login]}
     """
 
     synopsis = "[options]"
@@ -46,12 +50,42 @@ class Options(usage.Options):
         "Serve the Anthropic Messages API with the real credential injected (--http), and the "
         "credential socket sandboxes ask for tokens and keys (--rpc). With neither option both "
         "run, on the Unix sockets http.sock and cred.sock in $XDG_RUNTIME_DIR/credproxy; naming "
-        "either runs only the faces named. Credentials come from ANTHROPIC_API_KEY or "
-        "CLAUDE_CODE_OAUTH_TOKEN."
+        "either runs only the faces named. The HTTP face's credential is ANTHROPIC_API_KEY, "
+        "else CLAUDE_CODE_OAUTH_TOKEN, else the stored key named anthropic, else the stored "
+        "anthropic OAuth token (refreshed as needed)."
     )
+
+    optFlags: list[list[Any]] = [
+        [
+            "allow-sandbox-login",
+            None,
+            "Let sandbox connections refresh tokens and log in over the credential socket.",
+        ],
+    ]
 
     optParameters: list[list[Any]] = [
         ["upstream", None, _DEFAULTS.upstream, "Base URL of the Anthropic API (TLS verified)."],
+        [
+            "store",
+            None,
+            "auto",
+            "Where credentials are kept: auto (keyring when a Secret Service answers, else file), "
+            "keyring, file or memory.",
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Directory of the file store and the refresh lock files "
+            "(default $XDG_STATE_HOME/credproxy, else ~/.local/state/credproxy).",
+        ],
+        ["config", None, None, "TOML file configuring OAuth providers ([oauth.NAME] tables)."],
+        [
+            "bucket",
+            None,
+            DEFAULT_BUCKET,
+            "Bucket of the stored anthropic OAuth token the HTTP face uses.",
+        ],
         [
             "max-body",
             None,
@@ -74,6 +108,16 @@ class Options(usage.Options):
         self["http"] = []
         self["rpc"] = []
         self["allow-uid"] = []
+        self["sandbox-read"] = []
+
+    def opt_sandbox_read(self, name: str) -> None:
+        """
+        Let sandbox connections read only the named entries (a key name or a
+        token provider; repeatable). Without it every named entry is readable.
+        """
+        if not name:
+            raise usage.UsageError("--sandbox-read needs a name")
+        self["sandbox-read"].append(name)
 
     def opt_http(self, endpoint: str) -> None:
         """
@@ -106,6 +150,12 @@ class Options(usage.Options):
             raise usage.UsageError("--max-body must be a positive number of bytes")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must not be negative")
+        if self["store"] not in STORE_KINDS:
+            raise usage.UsageError(f"--store must be one of {', '.join(STORE_KINDS)}")
+        if not self["bucket"]:
+            raise usage.UsageError("--bucket needs a name")
+        if self["state-dir"] is None:
+            self["state-dir"] = default_state_dir()
         upstream = urlsplit(self["upstream"])
         if upstream.scheme not in ("http", "https") or not upstream.hostname:
             raise usage.UsageError("--upstream must be an http:// or https:// URL")
@@ -149,6 +199,14 @@ class Options(usage.Options):
             ),
             capability_token=token,
             grace=self["grace"],
+            broker=BrokerConfig(
+                store=self["store"],
+                state_dir=self["state-dir"],
+                oauth_config=self["config"],
+                bucket=self["bucket"],
+                sandbox_readable=frozenset(self["sandbox-read"]) if self["sandbox-read"] else None,
+                allow_sandbox_login=bool(self["allow-sandbox-login"]),
+            ),
         )
 
 
@@ -179,8 +237,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return _CommandLineService(
-        reactor,
-        options.config(),
-        EnvironmentCredentialSource(os.environ),
-    )
+    try:
+        return _CommandLineService(reactor, options.config(), environ=os.environ)
+    except CredproxyConfigError as e:
+        raise SystemExit(f"credproxy: {e}") from None

@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "credproxy: installing python3-venv (Debian ships venv and pip separately)" >&2
-        apt-get update -qq >/dev/null
+        [ -n "${CREDPROXY_APT_UPDATED:-}" ] || apt-get update -qq >/dev/null  # once per run
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     else
         echo "credproxy: python3 lacks venv/ensurepip; install python3-venv (apt-get install python3-venv)" >&2

@@ -11,6 +11,19 @@ from collections.abc import Iterator
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Every test's default state directory is a throwaway one, and no test
+    reaches the developer's own Secret Service by accident: a test that
+    wants a keyring starts its own (tests/stores/conftest.py).
+    """
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+
+
 @pytest.fixture
 def socket_dir() -> Iterator[str]:
     """

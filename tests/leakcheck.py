@@ -55,7 +55,7 @@ class LeakCheck:
             if len(value) >= MIN_SECRET_LENGTH:
                 secrets.add(value)
 
-        Secret.__init__ = remembering_init  # type: ignore[method-assign]
+        Secret.__init__ = remembering_init  # type: ignore[method-assign,assignment]
 
     def uninstall(self) -> None:
         self._publisher.removeObserver(cast(ILogObserver, self._observe))

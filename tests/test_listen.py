@@ -47,8 +47,9 @@ class ParseTests(SynchronousTestCase):
     def test_positional_address_and_options(self) -> None:
         spec = parse_unix_description("unix:/tmp/x.sock:mode=660:backlog=7:lockfile=0")
         assert spec is not None
-        self.assertEqual((spec.path, spec.mode, spec.backlog, spec.lockfile),
-                         ("/tmp/x.sock", 0o660, 7, False))
+        self.assertEqual(
+            (spec.path, spec.mode, spec.backlog, spec.lockfile), ("/tmp/x.sock", 0o660, 7, False)
+        )
 
     def test_other_kinds_are_not_unix(self) -> None:
         self.assertIsNone(parse_unix_description("tcp:port=0:interface=127.0.0.1"))

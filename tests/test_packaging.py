@@ -26,8 +26,18 @@ def test_wheel_contents(tmp_path: Path) -> None:
         cache.write_bytes(b"stale")
     try:
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "-q", "-w", str(tmp_path), str(ROOT)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(tmp_path),
+                str(ROOT),
+            ],
             check=True,
             capture_output=True,
         )

@@ -5,14 +5,20 @@ The public surface is pinned: a change to it is a deliberate edit here.
 from __future__ import annotations
 
 import credproxy
+import credproxy.broker
 import credproxy.http
 import credproxy.inner
+import credproxy.oauth
 import credproxy.stores
+import credproxy.testing
 import credproxy.wire
 
 
 def test_top_level_exports() -> None:
     assert sorted(credproxy.__all__) == [
+        "Broker",
+        "BrokerConfig",
+        "BrokerCredentialSource",
         "CredentialKind",
         "CredproxyConfig",
         "CredproxyService",
@@ -22,6 +28,7 @@ def test_top_level_exports() -> None:
         "HTTPProxyConfig",
         "ICredentialSource",
         "RPCFace",
+        "SandboxPolicy",
         "Secret",
         "UpstreamCredential",
         "build_proxy_site",
@@ -67,13 +74,114 @@ def test_wire_exports() -> None:
 
 def test_stores_exports() -> None:
     assert sorted(credproxy.stores.__all__) == [
+        "BlockingCalls",
         "BucketStats",
         "DEFAULT_BUCKET",
+        "FileProviderKeyStore",
+        "FileTokenStore",
+        "HostStores",
+        "IBlockingCalls",
+        "IHostProviderKeyStore",
+        "IHostTokenStore",
         "IProviderKeyStore",
         "ITokenStore",
+        "KeyringProviderKeyStore",
+        "KeyringTokenStore",
         "MemoryProviderKeyStore",
         "MemoryTokenStore",
+        "RequestCounters",
+        "STORE_KINDS",
+        "StoreCorrupt",
+        "StoreError",
+        "StoreNotRunning",
+        "StoreTimeout",
+        "StoreUnavailable",
+        "Token",
+        "default_state_dir",
+        "open_host_stores",
+        "usable_keyring",
     ]
+    for name in credproxy.stores.__all__:
+        assert getattr(credproxy.stores, name) is not None
+
+
+def test_broker_exports() -> None:
+    assert sorted(credproxy.broker.__all__) == [
+        "Broker",
+        "BrokerCredentialSource",
+        "CredentialKind",
+        "CredentialUnavailable",
+        "EnvironmentCredentialSource",
+        "FileRefreshLock",
+        "FirstAvailableCredentialSource",
+        "ICredentialSource",
+        "IHeldLock",
+        "IRefreshLock",
+        "InProcessRefreshLock",
+        "InitiatedLogin",
+        "LoginError",
+        "LoginFailure",
+        "LoginSessions",
+        "PollResult",
+        "RefreshCoordinator",
+        "RefreshError",
+        "RefreshFailure",
+        "RefreshLockError",
+        "RefreshLockTimeout",
+        "RenewalScheduler",
+        "SandboxPolicy",
+        "UpstreamCredential",
+    ]
+    for name in credproxy.broker.__all__:
+        assert getattr(credproxy.broker, name) is not None
+
+
+def test_oauth_exports() -> None:
+    assert sorted(credproxy.oauth.__all__) == [
+        "ANTHROPIC",
+        "AnthropicPKCEProvider",
+        "CONNECT_TIMEOUT",
+        "DEFAULT_EXPIRES_IN",
+        "DEFAULT_INTERVAL",
+        "DEVICE_CODE_GRANT",
+        "Detail",
+        "DeviceCodeProvider",
+        "DeviceCodeProviderConfig",
+        "DeviceLogin",
+        "FlowType",
+        "IDeviceCodeProvider",
+        "IOAuthProvider",
+        "IPKCEProvider",
+        "MAX_ANSWER_BYTES",
+        "MAX_CONFIG_BYTES",
+        "OAuthConfig",
+        "OAuthConfigError",
+        "OAuthError",
+        "OAuthErrorKind",
+        "PKCELogin",
+        "PKCEProviderConfig",
+        "ProviderConfig",
+        "TOKEN_CALL_DEADLINE",
+        "build_providers",
+        "default_oauth_agent",
+        "default_oauth_config",
+        "load_oauth_config",
+        "oauth_config_from_document",
+        "parse_oauth_config",
+        "s256_challenge",
+    ]
+    for name in credproxy.oauth.__all__:
+        assert getattr(credproxy.oauth, name) is not None
+
+
+def test_testing_exports() -> None:
+    assert sorted(credproxy.testing.__all__) == [
+        "FakeOAuthServer",
+        "InlineBlockingCalls",
+        "ReceivedRequest",
+    ]
+    for name in credproxy.testing.__all__:
+        assert getattr(credproxy.testing, name) is not None
 
 
 def test_inner_exports() -> None:

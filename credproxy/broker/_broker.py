@@ -16,8 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from credproxy._secret import Secret
+from credproxy.broker._lock_file import InProcessRefreshLock, IRefreshLock
 from credproxy.broker._locks import EntryLocks
-from credproxy.broker._lock_file import IRefreshLock, InProcessRefreshLock
 from credproxy.broker._refresh import RefreshCoordinator
 from credproxy.broker._renewal import RenewalScheduler
 from credproxy.broker._sessions import LoginSessions
@@ -93,7 +93,8 @@ class Broker(Service):
         )
 
     def __repr__(self) -> str:
-        return f"<Broker tokens={self.tokens!r} keys={self.keys!r} providers={sorted(self.providers)}>"
+        providers = sorted(self.providers)
+        return f"<Broker tokens={self.tokens!r} keys={self.keys!r} providers={providers}>"
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -194,12 +194,14 @@ class RefreshCoordinator:
         cannot be refreshed raises the L{RefreshError}.
 
         A token without an expiry is answered as it is (the upstream's 401
-        then leads to L{refresh} with C{rejected}). So is a token that cannot
-        be refreshed (no refresh token, no provider configured, or a refresh
-        token the provider refused) until it expires; after that, the
-        refresh's failure is raised (C{REFRESH_NOT_AVAILABLE},
-        C{PROVIDER_NOT_FOUND}, C{REAUTH_REQUIRED}), after a re-read of the
-        store under the lock in case another process stored a new one.
+        then leads to L{refresh} with C{rejected}). So is, until it expires,
+        a token that cannot be refreshed now (no refresh token, no provider
+        configured, a refresh token the provider refused, or an entry within
+        its cooldown), without a lock or a log line. Once it has expired the
+        refresh is attempted and its failure raised: C{PROVIDER_NOT_FOUND}
+        at once; C{REFRESH_NOT_AVAILABLE} or C{REAUTH_REQUIRED} after a
+        re-read under the lock, which answers a token another process stored
+        meanwhile instead; C{RATE_LIMITED} within the cooldown.
         """
         token = await self.store.get_token(provider, bucket)
         if token is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from credproxy._secret import Secret
-from credproxy.stores._token import Token, sanitize
 from credproxy.stores._interfaces import DEFAULT_BUCKET, BucketStats
+from credproxy.stores._token import Token, sanitize
 from credproxy.wire._client_errors import ProtocolViolation, ProxyClientError
 from credproxy.wire._codec import is_number
 from credproxy.wire._spec import Message

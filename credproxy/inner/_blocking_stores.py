@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from credproxy._secret import Secret
-from credproxy.stores._token import Token
 from credproxy.inner import _answers
 from credproxy.stores._interfaces import BucketStats
+from credproxy.stores._token import Token
 from credproxy.wire._blocking_client import BlockingProxySocketClient
 from credproxy.wire._client_errors import ProxyRequestError
 from credproxy.wire._spec import ErrorCode, Op

@@ -13,9 +13,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.stores._token import Token
 from credproxy.inner import _answers
 from credproxy.stores._interfaces import BucketStats, IProviderKeyStore, ITokenStore
+from credproxy.stores._token import Token
 from credproxy.wire._client import ProxySocketClient
 from credproxy.wire._client_errors import ProxyRequestError
 from credproxy.wire._spec import ErrorCode, Op

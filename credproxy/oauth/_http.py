@@ -22,7 +22,7 @@ from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -282,7 +282,7 @@ class _BoundedBody(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = Failure(CancelledError())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._finished.called:
             return
         # PotentialDataLoss: an answer without a length, ended by the close.
@@ -453,7 +453,8 @@ def positive_number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
-        if not value.isdigit() or not value.isascii():
+        # A lifetime has a few digits; a long string would only cost time.
+        if not (value.isascii() and value.isdigit()) or len(value) > 12:
             return None
         value = int(value)
     if not isinstance(value, int | float):

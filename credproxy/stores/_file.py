@@ -75,7 +75,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 def write_atomically(
-    path: str, data: bytes, *, replace: Callable[[str, str], None] = os.replace
+    path: str, data: bytes, *, replace: Callable[[str, str], None] | None = None
 ) -> None:
     """
     Replace C{path} with C{data} so that a reader, or a crash at any point,
@@ -83,7 +83,8 @@ def write_atomically(
     the same directory, fsynced, renamed over C{path}, then the directory
     fsynced so the rename itself survives a power loss.
 
-    @param replace: the rename (C{os.replace}); a test passes one that fails.
+    @param replace: the rename (default C{os.replace}, looked up at call
+        time); a test passes one that fails.
     """
     directory, name = os.path.split(path)
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMP_SUFFIX, dir=directory)
@@ -92,7 +93,7 @@ def write_atomically(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        replace(temporary, path)
+        (replace or os.replace)(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
@@ -123,7 +124,8 @@ def ensure_state_dir(directory: str) -> None:
         belongs to another user.
     """
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # something not a directory: see below
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         info = os.lstat(directory)
     except OSError as e:
         raise StoreError(f"cannot create state directory {directory}: {e.strerror}") from None

@@ -151,9 +151,10 @@ class _Items:
         if data is None:
             return set()
         try:
-            if data.get("version") != INDEX_VERSION:
+            members = data[field]
+            if data.get("version") != INDEX_VERSION or not isinstance(members, list):
                 raise ValueError
-            return {parse(member) for member in data[field]}
+            return {parse(member) for member in members}
         except (AttributeError, KeyError, TypeError, ValueError):
             raise StoreCorrupt(
                 f'keyring item "{item}" of service "{SERVICE}" is not a credproxy index'
@@ -219,6 +220,10 @@ class _KeyringStore:
 class KeyringTokenStore(_KeyringStore):
     """
     OAuth tokens in a keyring, one item per provider and bucket, with an index.
+
+    It uses the backend it is given, or whatever C{keyring.get_keyring()}
+    picks (which may be a plaintext file): L{open_host_stores} is how the
+    host gets one that is certainly a Secret Service.
     """
 
     def __init__(self, calls: IBlockingCalls, backend: KeyringBackend | None = None) -> None:

@@ -101,8 +101,9 @@ class FakeOAuthServer:
         move time by hand with a L{Clock}.
     @ivar minted: every secret the server made (access and refresh tokens,
         codes, device codes), for tests that scan logs and errors for them.
-    @ivar calls: requests per path. @ivar grants: requests per grant type
-        (C{authorization_code}, C{refresh_token}, L{DEVICE_CODE_GRANT}).
+    @ivar calls: requests per path.
+    @ivar grants: requests per grant type (C{authorization_code},
+        C{refresh_token}, L{DEVICE_CODE_GRANT}), canned answers included.
     @ivar received: each request's path, content type and fields, in order.
     """
 
@@ -128,7 +129,7 @@ class FakeOAuthServer:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.client_id = client_id
-        self.client_secret: str | None = None  # when set, device-flow calls must send it
+        self.client_secret: str | None = None  # when set, every call must send it
         self.redirect_uri = redirect_uri
         self.scopes = scopes
         self.base_url = base_url

@@ -20,7 +20,7 @@ from credproxy.broker import Broker, RefreshError
 from credproxy.stores._interfaces import DEFAULT_BUCKET
 from credproxy.stores._token import sanitized_fields
 from credproxy.wire._codec import js_number
-from credproxy.wire._spec import ErrorCode, Message, Op
+from credproxy.wire._spec import ErrorCode, Message
 
 
 class Status:
@@ -118,8 +118,11 @@ async def get_token(ctx: OpContext, payload: Payload, record: AuditRecord) -> di
     broker = ctx.broker
     if ctx.sandbox:
         provider, bucket = text(payload, "provider"), text(payload, "bucket")
-        readable = provider is not None and broker.sandbox_may_read(provider)
-        token = await broker.get_token(provider, bucket) if readable else None
+        token = (
+            await broker.get_token(provider, bucket)
+            if provider is not None and broker.sandbox_may_read(provider)
+            else None
+        )
         if token is None:
             raise _access_denied()  # a miss names nothing, and looks like a refusal
         record.provider, record.bucket = provider, bucket or DEFAULT_BUCKET
@@ -200,8 +203,11 @@ async def get_api_key(ctx: OpContext, payload: Payload, record: AuditRecord) -> 
     broker = ctx.broker
     name = text(payload, "name")
     if ctx.sandbox:
-        readable = name is not None and broker.sandbox_may_read(name)
-        key = await broker.get_key(name) if readable else None
+        key = (
+            await broker.get_key(name)
+            if name is not None and broker.sandbox_may_read(name)
+            else None
+        )
         if key is None:
             raise _access_denied()
     else:

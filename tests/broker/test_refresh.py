@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -117,6 +118,7 @@ class TokenEndpoint:
         self.held = []
 
 
+@implementer(IHeldLock)
 class _CountedHeld:
     def __init__(self, lock: CountingLock, held: IHeldLock) -> None:
         self.lock = lock
@@ -141,8 +143,7 @@ class CountingLock:
     def acquire(self, provider: str, bucket: str) -> Deferred[IHeldLock]:
         def held(lock: IHeldLock) -> IHeldLock:
             self.acquired += 1
-            counted: IHeldLock = _CountedHeld(self, lock)  # type: ignore[assignment]
-            return counted
+            return _CountedHeld(self, lock)
 
         return self.inner.acquire(provider, bucket).addCallback(held)
 
@@ -161,6 +162,7 @@ class CountingStore(MemoryTokenStore):
         self.reads = 0
         self.invalidations = 0
         self.fail_reads_after: int | None = None
+        self.on_invalidate: Callable[[], None] | None = None
 
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
         self.reads += 1
@@ -170,6 +172,8 @@ class CountingStore(MemoryTokenStore):
 
     def invalidate(self, provider: str, bucket: str | None = None) -> None:
         self.invalidations += 1
+        if self.on_invalidate is not None:
+            self.on_invalidate()
 
 
 class Harness:
@@ -203,9 +207,11 @@ class Harness:
         )
 
     def put(self, n: int = 0, expires_in: float | None = 600.0, **fields: Any) -> Token:
-        base: dict[str, Any] = {"access_token": access(n), "token_type": "Bearer"}
-        if n is not None:
-            base["refresh_token"] = refresh_token(n)
+        base: dict[str, Any] = {
+            "access_token": access(n),
+            "refresh_token": refresh_token(n),
+            "token_type": "Bearer",
+        }
         if expires_in is not None:
             base["expiry"] = self.clock.seconds() + expires_in
         base.update(fields)
@@ -221,6 +227,11 @@ class Harness:
 
     def fresh(self, min_validity: float) -> Deferred[Token | None]:
         return Deferred.fromCoroutine(self.coordinator.fresh_token(P, B, min_validity))
+
+    def token(self, d: Deferred[Token | None]) -> Token:
+        token = self.test.successResultOf(d)
+        assert token is not None
+        return token
 
     def failure(self, d: Deferred[Any], reason: RefreshFailure) -> RefreshError:
         error = self.test.failureResultOf(d, RefreshError).value
@@ -609,7 +620,7 @@ class RejectedTests(SynchronousTestCase):
         error = h.failure(h.refresh(rejected=access(1)), RefreshFailure.RATE_LIMITED)
         self.assertEqual(error.retry_after, 24.0)
 
-    def test_under_the_lock_a_token_other_than_the_rejected_one_is_used(self) -> None:
+    def test_a_rejected_caller_joins_the_flight_in_progress(self) -> None:
         h = Harness(self)
         h.put(0)
         h.endpoint.script = [HOLD]
@@ -647,7 +658,9 @@ class FailureTests(SynchronousTestCase):
         h.put(0)
         store.fail_reads_after = 1  # the read before the flight works, the one under the lock not
         error = h.failure(h.refresh(), RefreshFailure.REFRESH_FAILED)
-        self.assertEqual(error.message, "Could not refresh the token for anthropic: the token store failed")
+        self.assertEqual(
+            error.message, "Could not refresh the token for anthropic: the token store failed"
+        )
         self.assertEqual((h.lock.acquired, h.lock.holding, h.saved), (1, 0, []))
 
     def test_a_failing_on_saved_does_not_fail_the_refresh(self) -> None:
@@ -740,7 +753,7 @@ class FreshTokenTests(SynchronousTestCase):
     def test_a_token_expiring_within_min_validity_is_refreshed(self) -> None:
         h = Harness(self)
         h.put(0, expires_in=300)  # exactly min_validity left: refreshed
-        self.assertEqual(self.successResultOf(h.fresh(300)).access_token, access(1))
+        self.assertEqual(h.token(h.fresh(300)).access_token, access(1))
         h2 = Harness(self)
         stored = h2.put(0, expires_in=300.5)
         self.assertEqual(self.successResultOf(h2.fresh(300)), stored)
@@ -751,7 +764,7 @@ class FreshTokenTests(SynchronousTestCase):
         h.endpoint.script = [OAuthErrorKind.TRANSIENT] * 3
         with captured_log() as events:
             d = h.fresh(300)
-            h.clock.advance(4.0)
+            h.clock.pump([1.0, 3.0])
             self.assertEqual(self.successResultOf(d), stored)
         warnings = [e for e in events if "using the current token" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
@@ -763,7 +776,7 @@ class FreshTokenTests(SynchronousTestCase):
         h.put(0, expires_in=2)
         h.endpoint.script = [OAuthErrorKind.TRANSIENT] * 3
         d = h.fresh(300)
-        h.clock.advance(4.0)  # it expired during the retries
+        h.clock.pump([1.0, 3.0])  # it expired during the retries
         h.failure(d, RefreshFailure.REFRESH_FAILED)
         h3 = Harness(self)
         h3.put(0, expires_in=-1)
@@ -784,10 +797,10 @@ class FreshTokenTests(SynchronousTestCase):
         h.put(0, expires_in=-1, refresh_token=None)
         theirs = Token({"access_token": "sk-ant-oat01-login", "expiry": START + 3600})
 
-        def another_process_logged_in(*_: object) -> None:
+        def another_process_logged_in() -> None:
             store._tokens[(P, B)] = theirs  # behind our back, as a file would change
 
-        store.invalidate = another_process_logged_in  # type: ignore[method-assign]
+        store.on_invalidate = another_process_logged_in
         self.assertEqual(self.successResultOf(h.fresh(300)), theirs)
         self.assertEqual(h.endpoint.calls, [])
 
@@ -805,10 +818,11 @@ class FreshTokenTests(SynchronousTestCase):
         d = Deferred.fromCoroutine(coordinator.fresh_token(P, B, 300))
         self.assertEqual(self.successResultOf(d), token)
         clock.advance(60)
-        d = Deferred.fromCoroutine(coordinator.fresh_token(P, B, 300))
-        self.assertEqual(
-            self.failureResultOf(d, RefreshError).value.reason, RefreshFailure.PROVIDER_NOT_FOUND
-        )
+        error = self.failureResultOf(
+            Deferred.fromCoroutine(coordinator.fresh_token(P, B, 300)), RefreshError
+        ).value
+        assert isinstance(error, RefreshError)
+        self.assertEqual(error.reason, RefreshFailure.PROVIDER_NOT_FOUND)
 
     def test_a_refused_refresh_token_is_not_tried_while_the_token_lasts(self) -> None:
         h = Harness(self)
@@ -832,7 +846,7 @@ class FreshTokenTests(SynchronousTestCase):
         self.assertEqual((len(h.endpoint.calls), h.lock.acquired), (1, 1))
         self.assertEqual([e for e in events if e["log_level"] >= LogLevel.info], [])
         h.clock.advance(30)
-        self.assertEqual(self.successResultOf(h.fresh(300)).access_token, access(2))
+        self.assertEqual(h.token(h.fresh(300)).access_token, access(2))
 
 
 class LogTests(SynchronousTestCase):
@@ -845,7 +859,7 @@ class LogTests(SynchronousTestCase):
             h.clock.advance(30)
             h.endpoint.script = [OAuthErrorKind.TRANSIENT] * 3
             d = h.refresh()
-            h.clock.advance(4)
+            h.clock.pump([1.0, 3.0])
             h.failure(d, RefreshFailure.REFRESH_FAILED)
             h.endpoint.live.clear()
             h.failure(h.refresh(), RefreshFailure.REAUTH_REQUIRED)
@@ -862,25 +876,34 @@ class LogTests(SynchronousTestCase):
         errors: list[RefreshError] = []
 
         def collect(d: Deferred[Any]) -> None:
-            d.addErrback(lambda f: errors.append(f.value))
+            def failed(failure: Failure) -> None:
+                assert isinstance(failure.value, RefreshError)
+                errors.append(failure.value)
+
+            d.addErrback(failed)
 
         with captured_log() as events:
             h.put(0, expires_in=60)
+            h.endpoint.lifetime = 5.0
             collect(h.refresh(rejected=access(0)))
-            h.clock.advance(5)
+            h.clock.advance(1)
             collect(h.refresh())  # cooldown
-            h.clock.advance(100)
+            h.clock.advance(9)
             collect(h.refresh(rejected=access(1)))  # expired in the cooldown: rate limited
             h.clock.advance(3600)
             h.endpoint.script = [OAuthErrorKind.TRANSIENT] * 3
             collect(h.fresh(300))
-            h.clock.advance(4)
+            h.clock.pump([1.0, 3.0])
             h.endpoint.live.clear()
             collect(h.fresh(300))
             h.coordinator.stop()
         self.assertEqual(
             [e.reason for e in errors],
-            [RefreshFailure.RATE_LIMITED, RefreshFailure.REFRESH_FAILED, RefreshFailure.REAUTH_REQUIRED],
+            [
+                RefreshFailure.RATE_LIMITED,
+                RefreshFailure.REFRESH_FAILED,
+                RefreshFailure.REAUTH_REQUIRED,
+            ],
         )
         minted = [access(n) for n in range(5)] + [refresh_token(n) for n in range(5)]
         text = log_text(events)

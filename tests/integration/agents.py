@@ -26,13 +26,19 @@ def messages_request(
     method: str = "POST",
 ) -> bytes:
     if body is None:
-        body = json.dumps({
-            "model": "claude-sonnet-4-5-20250929", "max_tokens": 64, "stream": stream,
-            "messages": [{"role": "user", "content": "Hi"}],
-        }).encode()
+        body = json.dumps(
+            {
+                "model": "claude-sonnet-4-5-20250929",
+                "max_tokens": 64,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "Hi"}],
+            }
+        ).encode()
     all_headers: dict[str, str | None] = {
-        "host": "localhost", "content-type": "application/json",
-        "x-api-key": PLACEHOLDER, "anthropic-version": "2023-06-01",
+        "host": "localhost",
+        "content-type": "application/json",
+        "x-api-key": PLACEHOLDER,
+        "anthropic-version": "2023-06-01",
         "content-length": str(len(body)),
     }
     all_headers.update(headers or {})

@@ -65,8 +65,9 @@ async def make_proxy(upstream: Upstream, socket_dir: str) -> AsyncIterator[MakeP
         source = credentials or EnvironmentCredentialSource(
             environ if environ is not None else {"ANTHROPIC_API_KEY": REAL_API_KEY}
         )
-        face = HTTPFace(reactor, [unix_description(path)], settings, source, grace=grace,
-                        agent=agent)
+        face = HTTPFace(
+            reactor, [unix_description(path)], settings, source, grace=grace, agent=agent
+        )
         face.startService()
         faces.append(face)
         return RunningProxy(face, path)

@@ -27,7 +27,8 @@ def sdk_client(path: str) -> anthropic.Anthropic:
 def create(path: str) -> str:
     with sdk_client(path) as client:
         message = client.messages.create(
-            model="claude-sonnet-4-6", max_tokens=64,
+            model="claude-sonnet-4-6",
+            max_tokens=64,
             messages=[{"role": "user", "content": "Hi"}],
         )
         block = message.content[0]
@@ -36,10 +37,14 @@ def create(path: str) -> str:
 
 
 def stream(path: str) -> tuple[list[str], str]:
-    with sdk_client(path) as client, client.messages.stream(
-        model="claude-sonnet-4-6", max_tokens=64,
-        messages=[{"role": "user", "content": "Hi"}],
-    ) as events:
+    with (
+        sdk_client(path) as client,
+        client.messages.stream(
+            model="claude-sonnet-4-6",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "Hi"}],
+        ) as events,
+    ):
         texts = list(events.text_stream)
         final = events.get_final_message()
         return texts, str(final.stop_reason)

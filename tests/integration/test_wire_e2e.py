@@ -27,7 +27,6 @@ from zope.interface import implementer
 from credproxy._listen import unix_description
 from credproxy._secret import Secret
 from credproxy.broker import Broker
-from credproxy.stores import Token
 from credproxy.inner import (
     BlockingProxyProviderKeyStorage,
     BlockingProxyTokenStore,
@@ -35,7 +34,7 @@ from credproxy.inner import (
     ProxyTokenStore,
     SandboxKeyManagementError,
 )
-from credproxy.stores import BucketStats, ITokenStore
+from credproxy.stores import BucketStats, ITokenStore, Token
 from credproxy.wire._blocking_client import BlockingProxySocketClient
 from credproxy.wire._client import ProxySocketClient
 from credproxy.wire._client_errors import (
@@ -56,8 +55,10 @@ def _server_api() -> tuple[Any, Any, Any]:
         stores = importlib.import_module("credproxy.stores")
         return wire.RPCFace, stores.MemoryTokenStore, stores.MemoryProviderKeyStore
     except (ImportError, AttributeError):
-        pytest.skip("the credential socket server (RPCFace, memory stores) is not in the tree yet",
-                    allow_module_level=True)
+        pytest.skip(
+            "the credential socket server (RPCFace, memory stores) is not in the tree yet",
+            allow_module_level=True,
+        )
         raise
 
 
@@ -106,8 +107,14 @@ class Host:
         self.face: Any = None
 
     async def seed(self) -> None:
-        token = Token({"access_token": ACCESS, "refresh_token": REFRESH, "expiry": 1900000000,
-                       "token_type": "Bearer"})
+        token = Token(
+            {
+                "access_token": ACCESS,
+                "refresh_token": REFRESH,
+                "expiry": 1900000000,
+                "token_type": "Bearer",
+            }
+        )
         await self.tokens.save_token("anthropic", token)
         await self.tokens.save_token("anthropic", token, "work")
         await self.keys.save_key("anthropic", Secret(KEY))
@@ -163,15 +170,17 @@ async def clients() -> AsyncIterator[list[ProxySocketClient | BlockingProxySocke
             client.close()
 
 
-def twisted_client(made: list[Any], host: Host, token: Secret | None = None,
-                   **kwargs: Any) -> ProxySocketClient:
+def twisted_client(
+    made: list[Any], host: Host, token: Secret | None = None, **kwargs: Any
+) -> ProxySocketClient:
     client = ProxySocketClient(reactor, host.path, capability_token=token, **kwargs)
     made.append(client)
     return client
 
 
-def blocking_client(made: list[Any], host: Host, token: Secret | None = None,
-                    **kwargs: Any) -> BlockingProxySocketClient:
+def blocking_client(
+    made: list[Any], host: Host, token: Secret | None = None, **kwargs: Any
+) -> BlockingProxySocketClient:
     client = BlockingProxySocketClient(host.path, capability_token=token, **kwargs)
     made.append(client)
     return client
@@ -244,8 +253,10 @@ async def test_sandbox_restrictions_through_the_stores(
     assert await tokens.list_providers() == []
     assert await tokens.list_buckets("anthropic") == []
     assert await tokens.get_bucket_stats("anthropic") == BucketStats("default", 0, 0.0)
-    for change in (tokens.save_token("anthropic", Token({"access_token": "x"})),
-                   tokens.remove_token("anthropic")):
+    for change in (
+        tokens.save_token("anthropic", Token({"access_token": "x"})),
+        tokens.remove_token("anthropic"),
+    ):
         with pytest.raises(ProxyRequestError) as caught:
             await change
         assert caught.value.code == "FORBIDDEN"
@@ -271,8 +282,10 @@ async def test_wrong_capability_token(make_host: MakeHost, clients: list[Any]) -
         client = twisted_client(clients, host, token)
         with pytest.raises(ProxyRequestError) as caught:
             await ProxyTokenStore(client).get_token("anthropic")
-        assert (caught.value.code, str(caught.value)) == ("UNAUTHORIZED",
-                                                          Message.BAD_CAPABILITY_TOKEN)
+        assert (caught.value.code, str(caught.value)) == (
+            "UNAUTHORIZED",
+            Message.BAD_CAPABILITY_TOKEN,
+        )
         assert CAPABILITY not in repr(caught.value)
 
     def blocking() -> None:

@@ -64,13 +64,11 @@ def _connect(path: str) -> socket.socket:
 
 
 def _broker() -> Broker:
-    return Broker(reactor, MemoryTokenStore(), MemoryProviderKeyStore())  # type: ignore[arg-type]
+    return Broker(reactor, MemoryTokenStore(), MemoryProviderKeyStore())
 
 
 def _start(path: str, token: Secret | None = None) -> RPCFace:
-    face = RPCFace(
-        reactor, [unix_description(path)], _broker(), token
-    )
+    face = RPCFace(reactor, [unix_description(path)], _broker(), token)
     face.startService()
     return face
 

@@ -36,8 +36,12 @@ class Received:
 def message_json(text: str = "ok", input_tokens: int = 11, output_tokens: int = 7) -> bytes:
     return json.dumps(
         {
-            "id": "msg_01", "type": "message", "role": "assistant", "model": MODEL,
-            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "id": "msg_01",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
         }
@@ -53,23 +57,53 @@ def stream_events(texts: list[str], input_tokens: int = 25, output_tokens: int =
     The event sequence of a streamed text answer, as the API sends it.
     """
     events = [
-        sse("message_start", {"type": "message_start", "message": {
-            "id": "msg_01", "type": "message", "role": "assistant", "model": MODEL,
-            "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
-        sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                    "content_block": {"type": "text", "text": ""}}),
+        sse(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_01",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": MODEL,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                },
+            },
+        ),
+        sse(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
         sse("ping", {"type": "ping"}),
     ]
     for text in texts:
-        events.append(sse("content_block_delta", {
-            "type": "content_block_delta", "index": 0,
-            "delta": {"type": "text_delta", "text": text}}))
+        events.append(
+            sse(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": text},
+                },
+            )
+        )
     events += [
         sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse("message_delta", {"type": "message_delta",
-                              "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                              "usage": {"output_tokens": output_tokens}}),
+        sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            },
+        ),
         sse("message_stop", {"type": "message_stop"}),
     ]
     return events
@@ -106,8 +140,10 @@ class _Recorder(Resource):
         received = Received(
             request.method,
             request.uri,
-            {k.decode().lower(): [v.decode() for v in vs]
-             for k, vs in request.requestHeaders.getAllRawHeaders()},
+            {
+                k.decode().lower(): [v.decode() for v in vs]
+                for k, vs in request.requestHeaders.getAllRawHeaders()
+            },
             request.content.read(),
             request,
         )

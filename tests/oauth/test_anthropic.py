@@ -12,6 +12,7 @@ import re
 from urllib.parse import parse_qsl, urlsplit
 
 from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,6 +25,7 @@ from credproxy.oauth import (
     OAuthErrorKind,
     s256_challenge,
 )
+from credproxy.stores._token import Token
 from credproxy.testing._oauth_server import FakeOAuthServer
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+\Z")  # RFC 7636 section 4.1
@@ -33,7 +35,7 @@ class ChallengeTests(SynchronousTestCase):
     def test_rfc7636_appendix_b(self) -> None:
         self.assertEqual(
             s256_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuZG-uGtwM",
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
         )
 
 
@@ -107,8 +109,8 @@ class ExchangeTests(SynchronousTestCase):
             self.server.pkce_config(), self.clock, RequestTraversalAgent(self.server.resource())
         )
 
-    def refused(self, d: object) -> OAuthError:
-        error = self.failureResultOf(d, OAuthError).value  # type: ignore[arg-type]
+    def refused(self, d: Deferred[Token]) -> OAuthError:
+        error = self.failureResultOf(d, OAuthError).value
         assert isinstance(error, OAuthError)
         return error
 
@@ -128,7 +130,7 @@ class ExchangeTests(SynchronousTestCase):
         (received,) = self.server.received
         self.assertEqual(received.path, FakeOAuthServer.TOKEN_PATH)
         self.assertEqual(received.content_type, "application/json; charset=UTF-8")
-        code, state = pasted.split("#")
+        code, _ = pasted.split("#")
         self.assertEqual(
             received.fields,
             {

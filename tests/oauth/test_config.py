@@ -282,9 +282,9 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(sorted(config.providers), ["anthropic", "example"])
 
     def test_a_missing_file(self) -> None:
-        path = self.write(b"")
-        os.unlink(path)
-        self.addCleanup(lambda: open(path, "w").close())  # for the unlink cleanup
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "absent.toml")
         with self.assertRaises(OAuthConfigError) as caught:
             load_oauth_config(path)
         self.assertEqual(str(caught.exception), f"{path}: No such file or directory")

@@ -70,7 +70,9 @@ class _Fixture(SynchronousTestCase):
 
 
 class ErrorMappingTests(_Fixture):
-    def check(self, status: int, body: bytes | dict[str, Any], kind: OAuthErrorKind, detail: str):
+    def check(
+        self, status: int, body: bytes | dict[str, Any], kind: OAuthErrorKind, detail: str
+    ) -> None:
         self.server.answer_next(status, body)
         error = self.refused(self.refresh())
         self.assertEqual((error.kind, error.detail), (kind, detail), (status, body))
@@ -131,6 +133,8 @@ class ErrorMappingTests(_Fixture):
             {"access_token": "a", "expires_in": -1},
             {"access_token": "a", "expires_in": 0},
             {"access_token": "a", "expires_in": True},
+            {"access_token": "a", "expires_in": "9" * 5000},
+            {"access_token": "a", "expires_in": "1e3"},
             {"access_token": "a", "refresh_token": 7},
             {"access_token": "a", "token_type": 7},
             {"access_token": "a", "token_type": ""},
@@ -239,6 +243,18 @@ class TransferTests(SynchronousTestCase):
         pieces = [body[:1000], body[1000:]]
         self.assertIn("access_token", self.successResultOf(self.post(_Chunked(pieces))))
         error = self.failureResultOf(self.post(_Chunked([*pieces, b" "])), OAuthError).value
+        self.assertEqual((error.kind, error.detail), (REJECTED, Detail.ANSWER_TOO_LARGE))
+
+    def test_a_declared_length_over_the_limit_is_refused_before_the_body(self) -> None:
+        stall = _Stall(b'{"access_token": "')
+        original = stall.render_POST
+
+        def render(request: Request) -> int:
+            request.setHeader(b"content-length", str(MAX_ANSWER_BYTES + 1).encode())
+            return original(request)
+
+        stall.render_POST = render  # type: ignore[method-assign]
+        error = self.failureResultOf(self.post(stall), OAuthError).value
         self.assertEqual((error.kind, error.detail), (REJECTED, Detail.ANSWER_TOO_LARGE))
 
     def test_a_smaller_limit(self) -> None:

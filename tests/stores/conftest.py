@@ -51,7 +51,8 @@ class SecretServiceBus:
 
 
 def _missing_tools() -> list[str]:
-    return [t for t in ("dbus-daemon", "gnome-keyring-daemon") if shutil.which(t) is None]
+    tools = ("dbus-daemon", "gnome-keyring-daemon", "secret-tool")
+    return [t for t in tools if shutil.which(t) is None]
 
 
 def _read_address(process: subprocess.Popen[bytes]) -> str:

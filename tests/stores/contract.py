@@ -138,8 +138,9 @@ class TokenStoreContractMixin(_Base):
         self.wait(self.store.save_token("anthropic", token("work"), "work"))
         main = self.wait(self.store.get_token("anthropic"))
         work = self.wait(self.store.get_token("anthropic", "work"))
-        self.assertEqual((main and main["access_token"], work and work["access_token"]),
-                         ("main", "work"))
+        self.assertEqual(
+            (main and main["access_token"], work and work["access_token"]), ("main", "work")
+        )
         self.assertEqual(self.wait(self.store.list_buckets("anthropic")), ["default", "work"])
 
     def test_save_replaces(self) -> None:
@@ -243,12 +244,18 @@ class KeyStoreContractMixin(_Base):
     def wait(self, d: Deferred[_T]) -> _T:
         return self.successResultOf(d)
 
+    def wait_failure(self, d: Deferred[Any]) -> BaseException:
+        error: BaseException = self.failureResultOf(d).value
+        return error
+
     def setUp(self) -> None:
         super().setUp()
         self.store = self.make_store()
 
     def put(self, name: str, value: str) -> None:
-        self.wait((self.host_keys() if self.read_only else self.store).save_key(name, Secret(value)))
+        self.wait(
+            (self.host_keys() if self.read_only else self.store).save_key(name, Secret(value))
+        )
 
     def delete(self, name: str) -> bool:
         return self.wait((self.host_keys() if self.read_only else self.store).delete_key(name))
@@ -264,8 +271,8 @@ class KeyStoreContractMixin(_Base):
     def test_writes(self) -> None:
         save = self.store.save_key("anthropic", Secret(KEY))
         if self.read_only:
-            self.failureResultOf(save)
-            self.failureResultOf(self.store.delete_key("anthropic"))
+            self.wait_failure(save)
+            self.wait_failure(self.store.delete_key("anthropic"))
             self.assertIsNone(self.wait(self.store.get_key("anthropic")))
         else:
             self.assertIsNone(self.wait(save))

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from credproxy.stores import IProviderKeyStore, ITokenStore, MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores import (
+    IProviderKeyStore,
+    ITokenStore,
+    MemoryProviderKeyStore,
+    MemoryTokenStore,
+)
 from tests.stores.contract import KeyStoreContractMixin, TokenStoreContractMixin, token
 
 

@@ -22,7 +22,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from credproxy.stores import BlockingCalls, IBlockingCalls, StoreError, StoreNotRunning, StoreTimeout
+from credproxy.stores import (
+    BlockingCalls,
+    IBlockingCalls,
+    StoreError,
+    StoreNotRunning,
+    StoreTimeout,
+)
 from credproxy.stores._threads import CALL_TIMEOUT, MAX_PENDING, MAX_THREADS, STOP_TIMEOUT
 from credproxy.testing import InlineBlockingCalls
 from tests.logcapture import captured_log, log_text
@@ -158,9 +164,9 @@ class BlockingCallsTests(SynchronousTestCase):
             self.clock.deliver()
         for d in waiting:
             self.successResultOf(d)
-        d = self.calls.run(len, "ab")  # room again
+        again = self.calls.run(len, "ab")  # room again
         self.clock.deliver()
-        self.assertEqual(self.successResultOf(d), 2)
+        self.assertEqual(self.successResultOf(again), 2)
 
     def test_timeout(self) -> None:
         self.start()
@@ -211,8 +217,9 @@ class InlineBlockingCallsTests(SynchronousTestCase):
         calls = InlineBlockingCalls()
         self.assertTrue(verifyObject(IBlockingCalls, calls))
         self.assertEqual(self.successResultOf(calls.run(len, "abc")), 3)
-        self.assertEqual(self.successResultOf(calls.run(threading.current_thread)),
-                         threading.current_thread())
+        self.assertEqual(
+            self.successResultOf(calls.run(threading.current_thread)), threading.current_thread()
+        )
         self.assertEqual((calls.calls, calls.names), (2, ["len", "current_thread"]))
 
     def test_failure(self) -> None:

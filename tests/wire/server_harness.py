@@ -16,9 +16,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.stores import Token
 from credproxy.broker import Broker
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore, Token
 from credproxy.wire import CredentialServerFactory, CredentialServerProtocol
 from tests.logcapture import captured_log, log_text
 

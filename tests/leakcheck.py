@@ -5,8 +5,9 @@ and at the end no secret may appear in any event.
 
 Secrets are learnt from two places: every L{Secret} constructed in this
 process (capability tokens, keys, refresh tokens, PKCE verifiers and state,
-device codes, session ids all travel as one), and everything the test OAuth
-server minted (access and refresh tokens, codes, device codes).
+device codes, session ids all travel as one), and everything every
+L{FakeOAuthServer} of the run minted (access and refresh tokens, codes,
+device codes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, cast
 from twisted.logger import ILogObserver, LogEvent, LogPublisher, formatEvent, globalLogPublisher
 
 from credproxy._secret import Secret
+from credproxy.testing import FakeOAuthServer
 
 # Shorter values are not distinctive enough to search for: a test's "x" or
 # "s" is no minted secret, and would match innocent text.
@@ -36,6 +38,7 @@ class LeakCheck:
         self.secrets: set[str] = set()
         self.sources: list[Callable[[], Iterable[str]]] = []
         self._original_init: Any = None
+        self._original_server_init: Any = None
 
     def _observe(self, event: LogEvent) -> None:
         try:
@@ -57,10 +60,22 @@ class LeakCheck:
 
         Secret.__init__ = remembering_init  # type: ignore[method-assign,assignment]
 
+        server_init = FakeOAuthServer.__init__
+        self._original_server_init = server_init
+        add_source = self.add_source
+
+        def registering_init(server: FakeOAuthServer, *args: Any, **kwargs: Any) -> None:
+            server_init(server, *args, **kwargs)
+            add_source(lambda: set(server.minted))
+
+        FakeOAuthServer.__init__ = registering_init  # type: ignore[method-assign,assignment]
+
     def uninstall(self) -> None:
         self._publisher.removeObserver(cast(ILogObserver, self._observe))
         if self._original_init is not None:
             Secret.__init__ = self._original_init  # type: ignore[method-assign]
+        if self._original_server_init is not None:
+            FakeOAuthServer.__init__ = self._original_server_init  # type: ignore[method-assign]
 
     def add_source(self, source: Callable[[], Iterable[str]]) -> None:
         """

@@ -40,3 +40,19 @@ def test_secrets_from_other_sources_and_short_values() -> None:
     finally:
         check.uninstall()
     assert [found for found, _ in check.leaks()] == ["server-minted-token-abcdef012345"]
+
+
+def test_what_a_fake_oauth_server_mints_is_searched_for() -> None:
+    from twisted.internet.task import Clock
+
+    from credproxy.testing import FakeOAuthServer
+
+    check = LeakCheck(publisher)
+    check.install()
+    try:
+        server = FakeOAuthServer(Clock())
+        token = server.issue_token()
+        log.info("careless {value}", value=token["access_token"])
+    finally:
+        check.uninstall()
+    assert [found for found, _ in check.leaks()] == [token["access_token"]]

@@ -64,6 +64,13 @@ def _read_address(process: subprocess.Popen[bytes]) -> str:
 
 
 def _wait_for_collection(address: str) -> None:
+    """
+    Wait until the daemon has made its unlocked login collection the default.
+    Only look: asking for the default collection before it exists would make
+    secretstorage ask the daemon to create one, which needs a prompt that
+    nobody answers, and that dismissed prompt can leave the daemon without
+    a default collection for good.
+    """
     import secretstorage
     from jeepney.io.blocking import open_dbus_connection
 
@@ -71,7 +78,9 @@ def _wait_for_collection(address: str) -> None:
     while True:
         try:
             with contextlib.closing(open_dbus_connection(address)) as connection:
-                collection = secretstorage.get_default_collection(connection)
+                collection = secretstorage.collection.get_collection_by_alias(
+                    connection, "default"
+                )
                 if not collection.is_locked():
                     return
         except Exception:

@@ -10,12 +10,21 @@ C{"stream": true}. The query string shapes the stream:
   forever=1    never end (the reader hangs up)
 GET /_hangups lists the monotonic times at which agents' requests were lost
 (clock shared by all processes on Linux), for measuring hang-up propagation.
+
+GET /_seen answers what the agents' requests carried: a count per credential
+seen (C{"x-api-key <value>"} or C{"bearer <value>"}), how many Bearer
+requests also had the C{oauth-2025-04-20} beta flag, and how many were
+refused. POST /_reject with a JSON object whose C{bearer} member is a token
+makes every later request with that Bearer token get a 401
+C{authentication_error}, as the API answers a token it has expired (the
+benchmarks' fake credentials only; this process never sees a real one).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Any
 
 from twisted.internet import reactor
@@ -50,6 +59,16 @@ END = (
 )
 CHUNK = DELTA * 160  # ~66 KB per write
 HANGUPS: list[float] = []
+SEEN: Counter[str] = Counter()  # "x-api-key <value>" / "bearer <value>" -> requests
+OAUTH_BETA = b"oauth-2025-04-20"
+REJECTED: set[bytes] = set()  # Bearer tokens answered with a 401
+STATS = {"oauth_beta": 0, "refused": 0}
+REFUSAL = json.dumps(
+    {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "OAuth token has expired"},
+    }
+).encode()
 
 
 @implementer(IPushProducer)
@@ -89,10 +108,19 @@ class Messages(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/_seen":
+            return json.dumps({"credentials": dict(SEEN), **STATS}).encode()
         return json.dumps(HANGUPS).encode()
 
     def render_POST(self, request: Request) -> Any:
         body = request.content.read() if request.content else b""
+        if request.path == b"/_reject":
+            REJECTED.add(json.loads(body)["bearer"].encode())
+            return b"{}"
+        if self.refused(request):
+            request.setResponseCode(401)
+            request.setHeader(b"content-type", b"application/json")
+            return REFUSAL
         if b'"stream": true' not in body and b'"stream":true' not in body:
             request.setHeader(b"content-type", b"application/json")
             return MESSAGE
@@ -130,6 +158,29 @@ class Messages(Resource):
 
         reactor.callLater(interval, tick)
         return NOT_DONE_YET
+
+    @staticmethod
+    def refused(request: Request) -> bool:
+        """
+        Count the request's credential; whether it is a rejected Bearer token.
+        """
+        key = request.getHeader(b"x-api-key")
+        if key is not None:
+            SEEN["x-api-key " + key.decode("latin-1")] += 1
+            return False
+        authorization = request.getHeader(b"authorization") or b""
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            SEEN["other"] += 1
+            return False
+        SEEN["bearer " + token.decode("latin-1")] += 1
+        flags = (request.getHeader(b"anthropic-beta") or b"").split(b",")
+        if OAUTH_BETA in (flag.strip() for flag in flags):
+            STATS["oauth_beta"] += 1
+        if token in REJECTED:
+            STATS["refused"] += 1
+            return True
+        return False
 
 
 def main() -> None:

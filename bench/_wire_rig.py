@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import IO, Any
@@ -87,10 +87,13 @@ def workdir() -> Iterator[str]:
 
 
 @contextmanager
-def server(directory: str, name: str, *, audit_log: bool = True) -> Iterator[Server]:
+def server(
+    directory: str, name: str, *, audit_log: bool = True, server_args: Sequence[str] = ()
+) -> Iterator[Server]:
     """
     The credential socket in its own process, at C{directory}/C{name}.sock;
-    always stopped on the way out.
+    always stopped on the way out. C{server_args} go to L{bench._wire_server}
+    (for instance C{--store file --state-dir DIR}).
     """
     path = os.path.join(directory, f"{name}.sock")
     log_args = (
@@ -99,7 +102,7 @@ def server(directory: str, name: str, *, audit_log: bool = True) -> Iterator[Ser
     errors = os.path.join(directory, f"{name}.err")
     with open(errors, "w") as sink:
         process = subprocess.Popen(
-            [PY, "-m", "bench._wire_server", path, *log_args],
+            [PY, "-m", "bench._wire_server", path, *log_args, *server_args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=sink,

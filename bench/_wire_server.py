@@ -5,6 +5,11 @@ token (provider C{anthropic}) and an empty L{MemoryProviderKeyStore}, no
 capability token, on a Unix socket, under the epoll reactor.
 
     python -m bench._wire_server SOCKET_PATH [--log FILE | --no-log]
+                                 [--store file --state-dir DIR]
+
+With C{--store file} the tokens are the file store's (C{DIR/tokens.json},
+read through the store's thread pool once and then from its cache) instead
+of memory; the file must already hold the token (L{seed_file_store}).
 
 The audit trail goes to FILE as text lines, as under C{twistd --logfile}
 (the cost of an audit line per op is part of what is measured), or nowhere
@@ -30,7 +35,16 @@ from zope.interface import implementer
 
 from credproxy._listen import unix_description
 from credproxy.broker import Broker
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore, Token
+from credproxy.stores import (
+    BlockingCalls,
+    IHostTokenStore,
+    IProviderKeyStore,
+    MemoryProviderKeyStore,
+    MemoryTokenStore,
+    Token,
+    open_host_stores,
+)
+from credproxy.testing import InlineBlockingCalls
 from credproxy.wire import RPCFace
 
 PROVIDER = "anthropic"
@@ -62,6 +76,14 @@ class ErrorsOnly:
             self.observer(event)
 
 
+def seed_file_store(state_dir: str) -> None:
+    """
+    Write L{TOKEN} to C{state_dir}/tokens.json in the file store's own format.
+    """
+    stores = open_host_stores("file", state_dir, InlineBlockingCalls())
+    stores.tokens.save_token(PROVIDER, TOKEN)
+
+
 def main() -> None:
     from twisted.internet import epollreactor
 
@@ -72,6 +94,8 @@ def main() -> None:
     parser.add_argument("socket")
     parser.add_argument("--log", help="audit log file (text lines, as twistd writes)")
     parser.add_argument("--no-log", action="store_true", help="discard the audit trail")
+    parser.add_argument("--store", choices=("memory", "file"), default="memory")
+    parser.add_argument("--state-dir", help="the file store's directory (with --store file)")
     args = parser.parse_args()
     # Warnings and errors also go to stderr, so the benchmark can show a failure.
     observers: list[ILogObserver] = [ErrorsOnly(textFileLogObserver(sys.stderr))]
@@ -80,12 +104,23 @@ def main() -> None:
         observers.append(textFileLogObserver(log_file))
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
 
-    tokens = MemoryTokenStore()
-    tokens.save_token(PROVIDER, TOKEN)
+    tokens: IHostTokenStore
+    keys: IProviderKeyStore
+    if args.store == "file":
+        if not args.state_dir:
+            parser.error("--store file needs --state-dir")
+        calls = BlockingCalls(reactor)
+        calls.startService()
+        reactor.addSystemEventTrigger("after", "shutdown", calls.stopService)
+        stores = open_host_stores("file", args.state_dir, calls)
+        tokens, keys = stores.tokens, stores.keys
+    else:
+        tokens, keys = MemoryTokenStore(), MemoryProviderKeyStore()
+        tokens.save_token(PROVIDER, TOKEN)
     face = RPCFace(
         reactor,
         [unix_description(args.socket) + ":backlog=1024"],
-        Broker(reactor, tokens, MemoryProviderKeyStore()),
+        Broker(reactor, tokens, keys),
     )
     face.startService()
     reactor.addSystemEventTrigger("before", "shutdown", face.stopService)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,8 +70,26 @@ class Rig:
         return ("unix", self.proxy_unix)
 
 
+# The proxy's credential variables: the rig sets only those it is given.
+CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
 @contextmanager
-def rig() -> Iterator[Rig]:
+def rig(
+    *,
+    credential_env: Mapping[str, str] | None = None,
+    proxy_args: Sequence[str] = (),
+) -> Iterator[Rig]:
+    """
+    An upstream and credproxy under twistd in front of it. The proxy's
+    environment holds C{credential_env} (default: C{ANTHROPIC_API_KEY=KEY})
+    and no other credential variable; C{proxy_args} are added to its command
+    line (for instance C{--store file --state-dir DIR --config FILE}).
+    """
+    if credential_env is None:
+        credential_env = {"ANTHROPIC_API_KEY": KEY}
+    proxy_env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
+    proxy_env.update(credential_env)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
     workdir = tempfile.mkdtemp(prefix="cpb-", dir="/tmp")
@@ -102,8 +120,9 @@ def rig() -> Iterator[Rig]:
                     token_file,
                     "--upstream",
                     f"http://127.0.0.1:{upstream_port}",
+                    *proxy_args,
                 ],
-                env={**os.environ, "ANTHROPIC_API_KEY": KEY},
+                env=proxy_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=workdir,
@@ -129,7 +148,31 @@ def rig() -> Iterator[Rig]:
 # -- measurements ---------------------------------------------------------------
 
 
+@dataclass
+class WrkResult:
+    rate: float  # requests/s
+    requests: int
+    errors: int  # answers that were not 2xx or 3xx
+    output: str
+
+
 def wrk_rate(url: str, key: str, seconds: int) -> float | None:
+    """
+    Small-request rate, or None without wrk; any error answer raises.
+    """
+    result = wrk_run(url, key, seconds)
+    if result is None:
+        return None
+    if result.errors:
+        raise RuntimeError(f"wrk saw {result.errors} error answers:\n{result.output}")
+    return result.rate
+
+
+def wrk_run(url: str, key: str, seconds: float) -> WrkResult | None:
+    """
+    wrk's small POST /v1/messages for C{seconds} over 32 connections, or None
+    when wrk is not installed.
+    """
     if shutil.which("wrk") is None:
         return None
     body = json.dumps(
@@ -149,7 +192,7 @@ def wrk_rate(url: str, key: str, seconds: int) -> float | None:
         )
     try:
         out = subprocess.run(
-            ["wrk", "-t1", "-c32", f"-d{seconds}s", "-s", script.name, url],
+            ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", script.name, url],
             capture_output=True,
             text=True,
             check=True,
@@ -157,10 +200,13 @@ def wrk_rate(url: str, key: str, seconds: int) -> float | None:
     finally:
         os.unlink(script.name)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise RuntimeError(f"wrk saw {errors.group(1)} error answers:\n{out}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)) if match else None
+    total = re.search(r"(\d+) requests in", out)
+    if match is None or total is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    return WrkResult(
+        float(match.group(1)), int(total.group(1)), int(errors.group(1)) if errors else 0, out
+    )
 
 
 async def first_byte_times(target: Target, key: str, count: int) -> list[float]:

@@ -153,6 +153,7 @@ def build_broker(
         providers=providers,
         refresh_lock=lock,
         sandbox=SandboxPolicy(config.sandbox_readable, config.allow_sandbox_login),
+        store_description=stores.description,
     )
 
 
@@ -266,7 +267,7 @@ class CredproxyService(MultiService):
             http=list(self.config.http_endpoints),
             rpc=list(self.config.rpc_endpoints),
         )
-        log.info("Credential store: {store}", store=self.broker.tokens.description)
+        log.info("Credential store: {store}", store=self.broker.store_description)
         if self.http_face is not None:
             self.credentials.describe().addCallback(self._log_credential)
 

@@ -160,3 +160,91 @@ def test_credential_socket_on_tcp_needs_the_capability_token(token_file: str) ->
         "--capability-token-file", token_file, "--rpc", "tcp:port=0:interface=127.0.0.1"
     ).config()
     assert config.rpc_endpoints == ("tcp:port=0:interface=127.0.0.1",)
+
+
+def test_broker_options_default_to_auto_in_the_state_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    broker = parse().config().broker
+    assert broker.store == "auto"
+    assert broker.state_dir == os.path.join(str(tmp_path), "credproxy")
+    assert (broker.oauth_config, broker.bucket) == (None, "default")
+    assert (broker.sandbox_readable, broker.allow_sandbox_login) == (None, False)
+
+
+def test_broker_options_are_parsed() -> None:
+    broker = (
+        parse(
+            "--store",
+            "file",
+            "--state-dir",
+            "/srv/credproxy",
+            "--config",
+            "/etc/credproxy.toml",
+            "--bucket",
+            "work",
+            "--sandbox-read",
+            "anthropic",
+            "--sandbox-read",
+            "openai",
+            "--allow-sandbox-login",
+        )
+        .config()
+        .broker
+    )
+    assert (broker.store, broker.state_dir, broker.oauth_config, broker.bucket) == (
+        "file",
+        "/srv/credproxy",
+        "/etc/credproxy.toml",
+        "work",
+    )
+    assert broker.sandbox_readable == frozenset({"anthropic", "openai"})
+    assert broker.allow_sandbox_login is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--store", "vault"), "--store must be one of auto, keyring, file, memory"),
+        (("--bucket", ""), "--bucket needs a name"),
+        (("--sandbox-read", ""), "--sandbox-read needs a name"),
+    ],
+)
+def test_bad_broker_options_are_refused(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(*argv)
+
+
+def test_a_bad_provider_file_stops_the_start_with_one_line_naming_the_key(
+    tmp_path: object,
+) -> None:
+    path = os.path.join(str(tmp_path), "oauth.toml")
+    with open(path, "w") as f:
+        f.write('[oauth.example]\nflow = "device_code"\ntoken_url = "http://idp.example/t"\n')
+    options = parse("--store", "memory", "--config", path)
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options, reactor=MemoryReactorClock())
+    message = str(stopped.value)
+    assert message.startswith("credproxy: ") and "\n" not in message
+    assert "oauth.example" in message
+
+
+def test_store_keyring_without_a_secret_service_refuses_to_start(tmp_path: object) -> None:
+    options = parse("--store", "keyring", "--state-dir", str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options, reactor=MemoryReactorClock())
+    message = str(stopped.value)
+    assert message.startswith("credproxy: --store keyring: no usable Secret Service")
+    assert "\n" not in message
+    assert "--store file" in message
+
+
+def test_make_service_shares_one_broker_between_the_faces(tmp_path: object) -> None:
+    service = makeService(
+        parse("--store", "file", "--state-dir", str(tmp_path)), reactor=MemoryReactorClock()
+    )
+    assert isinstance(service, CredproxyService)
+    assert service.rpc_face is not None
+    assert service.rpc_face.factory.broker is service.broker
+    assert service.broker.store_description.startswith("file (")

@@ -72,10 +72,15 @@ class Broker(Service):
         refresh_lock: IRefreshLock | None = None,
         sandbox: SandboxPolicy | None = None,
         renew: bool = True,
+        store_description: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.tokens = tokens
         self.keys = keys
+        # What backs the stores and where, for the start-up line and status.
+        self.store_description: str = (
+            store_description if store_description is not None else tokens.description
+        )
         self.providers: Mapping[str, IOAuthProvider] = dict(providers or {})
         self.sandbox = sandbox if sandbox is not None else SandboxPolicy()
         self.locks = EntryLocks()

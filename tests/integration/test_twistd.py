@@ -409,3 +409,68 @@ async def test_rpc_only_with_a_capability_token_serves_sandboxes(runtime: str) -
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait()
+
+
+def save_then_read(path: str) -> list[object]:
+    from credproxy.wire import BlockingProxySocketClient
+
+    with BlockingProxySocketClient(path) as client:
+        client.request(
+            "save_token",
+            {"provider": "anthropic", "token": {"access_token": "acc-kept", "expiry": 1.9e9}},
+        )
+        return [client.request("get_token", {"provider": "anthropic"})]
+
+
+def read_back(path: str) -> list[object]:
+    from credproxy.wire import BlockingProxySocketClient
+
+    with BlockingProxySocketClient(path) as client:
+        return [client.request("get_token", {"provider": "anthropic"})]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_file_store_keeps_tokens_across_a_restart(runtime: str) -> None:
+    state = os.path.join(runtime, "state")
+    args = ("--store", "file", "--state-dir", state)
+    running = start(runtime, *args, env={"ANTHROPIC_API_KEY": ""})
+    try:
+        await wait_serving(running, running.cred_sock)
+        saved = await deferToThread(save_then_read, running.cred_sock)
+        assert saved == [{"access_token": "acc-kept", "expiry": 1900000000}]
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(running) in STOPPED_BY_SIGTERM
+        first_output = running.output()
+        assert f"Credential store: file ({state}/tokens.json, {state}/keys.json)" in first_output
+        assert "NO CREDENTIAL: every request to the HTTP face will get a 401" in first_output
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(os.path.join(state, "tokens.json")).st_mode) == 0o600
+
+        again = start(runtime, *args, env={"ANTHROPIC_API_KEY": ""})
+        try:
+            await wait_serving(again, again.cred_sock)
+            assert await deferToThread(read_back, again.cred_sock) == saved
+            again.process.send_signal(signal.SIGTERM)
+            assert await wait_exit(again) in STOPPED_BY_SIGTERM
+            # The stored token is now the HTTP face's credential; its value is never logged.
+            output = again.output()
+            assert "HTTP face credential: an OAuth token from" in output
+            assert "acc-kept" not in output
+        finally:
+            if again.process.poll() is None:
+                again.process.kill()
+                again.process.wait()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_keyring_without_a_secret_service_exits_with_one_line(runtime: str) -> None:
+    running = start(runtime, "--store", "keyring")
+    code = await wait_exit(running)
+    assert code != 0
+    lines = [line for line in running.output().splitlines() if "credproxy:" in line]
+    assert len(lines) == 1 and "--store keyring: no usable Secret Service" in lines[0]
+    assert not os.path.exists(running.http_sock)

@@ -78,9 +78,7 @@ def _wait_for_collection(address: str) -> None:
     while True:
         try:
             with contextlib.closing(open_dbus_connection(address)) as connection:
-                collection = secretstorage.collection.get_collection_by_alias(
-                    connection, "default"
-                )
+                collection = secretstorage.collection.get_collection_by_alias(connection, "default")
                 if not collection.is_locked():
                     return
         except Exception:

@@ -39,7 +39,7 @@ class Control(Resource):
 
     def __init__(self, server: FakeOAuthServer) -> None:
         super().__init__()
-        self.server = server
+        self.fake = server
         self.inner = server.resource()
 
     def render(self, request: Request) -> Any:
@@ -49,16 +49,16 @@ class Control(Resource):
         what = request.path[len(CONTROL) :]
         if what == b"issue" and request.method == b"POST":
             expires_in = float(request.args.get(b"expires_in", [b"3600"])[0])
-            return json.dumps(self.server.issue_token(expires_in=expires_in).to_json()).encode()
+            return json.dumps(self.fake.issue_token(expires_in=expires_in).to_json()).encode()
         if what == b"config":
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return self.server.oauth_toml().encode()
+            return self.fake.oauth_toml().encode()
         if what == b"stats":
             return json.dumps(
                 {
-                    "calls": dict(self.server.calls),
-                    "grants": dict(self.server.grants),
-                    "access_tokens": self.server.access_tokens,
+                    "calls": dict(self.fake.calls),
+                    "grants": dict(self.fake.grants),
+                    "access_tokens": self.fake.access_tokens,
                 }
             ).encode()
         request.setResponseCode(404)
@@ -69,10 +69,11 @@ def main() -> None:
     server = FakeOAuthServer(reactor)
     site = Site(Control(server))
     site.log = lambda request: None  # type: ignore[method-assign]
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    server.base_url = f"http://127.0.0.1:{port.getHost().port}"
-    print(port.getHost().port, flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    number: int = port.getHost().port  # type: ignore[attr-defined]
+    server.base_url = f"http://127.0.0.1:{number}"
+    print(number, flush=True)
+    reactor.run()
 
 
 if __name__ == "__main__":

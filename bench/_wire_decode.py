@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 
 from credproxy.broker import Broker
-from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore, Token
+from credproxy.stores import IHostTokenStore, MemoryProviderKeyStore, MemoryTokenStore, Token
 from credproxy.wire import CredentialServerFactory
 from credproxy.wire._codec import decode_json_object
 from credproxy.wire._spec import MAX_FRAMES_PER_READ
@@ -72,13 +72,25 @@ class DecodeRate:
         return self.frames / self.seconds
 
 
-def server_rate(pieces: list[bytes], frame_len: int, budget: float, token: Token) -> DecodeRate:
+def server_rate(
+    pieces: list[bytes],
+    frame_len: int,
+    budget: float,
+    token: Token,
+    *,
+    tokens: IHostTokenStore | None = None,
+) -> DecodeRate:
     """
     Feed C{pieces} to one handshaken server connection until they run out or
     C{budget} seconds pass; check every request got its C{ok} answer.
+
+    The broker's token store is a memory store holding C{token}, or
+    C{tokens}, which must already hold it and answer at once (a file store
+    over inline calls, for instance).
     """
-    tokens = MemoryTokenStore()
-    tokens.save_token(PROVIDER, token)
+    if tokens is None:
+        tokens = MemoryTokenStore()
+        tokens.save_token(PROVIDER, token)
     clock = Clock()
     factory = CredentialServerFactory(clock, Broker(clock, tokens, MemoryProviderKeyStore()))
     protocol = factory.buildProtocol(None)

@@ -94,8 +94,8 @@ def rig(
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16384), hard))
     workdir = tempfile.mkdtemp(prefix="cpb-", dir="/tmp")
     token_file = os.path.join(workdir, "token")
-    with open(token_file, "w") as f:
-        f.write(TOKEN)
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(TOKEN)  # private: credproxy refuses a token file others can read
     upstream = subprocess.Popen(
         [PY, "-m", "bench._upstream"], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
@@ -130,7 +130,9 @@ def rig(
         deadline = time.monotonic() + 30
         while not os.path.exists(unix_path):
             if proxy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("credproxy did not start; see " + workdir)
+                with open(os.path.join(workdir, "proxy.log"), errors="replace") as said:
+                    tail = said.read()[-4000:]
+                raise RuntimeError("credproxy did not start; its log ends:\n" + tail)
             time.sleep(0.05)
         yield Rig(upstream_port, proxy.pid, unix_path, tcp_port)
     finally:

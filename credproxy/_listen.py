@@ -1,6 +1,7 @@
 """
 Where and how credproxy's faces listen: the private runtime directory, Unix
-socket hygiene (mode 0600, stale sockets replaced, live ones never), bind
+socket hygiene (mode 0600, stale sockets replaced, live ones never), Unix
+sockets passed by systemd (left as their socket unit made them), bind
 failures raised at start, and peer credentials of Unix clients.
 """
 
@@ -18,10 +19,16 @@ from dataclasses import dataclass
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    UNIXServerEndpoint,
+    serverFromString,
+)
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from credproxy._systemd import InheritedUNIXServerEndpoint
 
 log = Logger()
 
@@ -139,8 +146,32 @@ def parse_unix_description(description: str) -> UnixListenSpec | None:
         raise ListenError(f"malformed unix endpoint {description!r}") from None
 
 
+def is_inherited_unix_description(description: str) -> bool:
+    """
+    Whether C{description} is a C{systemd:} endpoint of domain C{UNIX}: a
+    Unix socket that socket activation passed to us (C{systemd:domain=UNIX:index=0},
+    or C{systemd:UNIX:0}, or by C{name=}).
+    """
+    parts = _split_description(description)
+    if parts[0].strip().lower() != "systemd":
+        return False
+    positional = [part for part in parts[1:] if "=" not in part]
+    keywords = dict(part.partition("=")[::2] for part in parts[1:] if "=" in part)
+    domain = keywords.get("domain", positional[0] if positional else "")
+    return domain.strip().upper() == "UNIX"
+
+
 def is_unix_description(description: str) -> bool:
-    return _split_description(description)[0].strip().lower() == "unix"
+    """
+    Whether C{description} is a Unix socket, whose peers the kernel identifies
+    (so it may be served without a capability token): one we bind (C{unix:})
+    or one systemd passed (C{systemd:domain=UNIX:...}). Listening checks that
+    an inherited descriptor really is a Unix socket, so claiming the domain
+    cannot turn a TCP socket into one served without a token.
+    """
+    return _split_description(description)[0].strip().lower() == "unix" or (
+        is_inherited_unix_description(description)
+    )
 
 
 def clear_stale_socket(path: str) -> None:
@@ -180,6 +211,11 @@ class ListeningService(Service):
     raised from C{startService}, so twistd refuses to start with a clear message
     rather than logging and running with a face missing.
 
+    A Unix socket systemd passed (C{systemd:domain=UNIX:...}) belongs to its
+    socket unit: it keeps the unit's mode and is neither replaced at start nor
+    removed at stop (so C{bound_path} stays L{None}), and since stopping
+    closes our copy, it can be adopted once per process.
+
     @ivar port: the listening port while started (tests read the bound address from it).
     @ivar bound_path: the Unix socket path this service bound, kept after it stops.
     """
@@ -192,6 +228,8 @@ class ListeningService(Service):
         self.description = description
         self._factory = factory
         self._unix = parse_unix_description(description)
+        self._inherited = is_inherited_unix_description(description)
+        self._adopted = False
         self.name = description
 
     def _endpoint(self) -> IStreamServerEndpoint:
@@ -203,11 +241,27 @@ class ListeningService(Service):
                 mode=self._unix.mode,
                 wantPID=self._unix.lockfile,
             )
+        if self._adopted:
+            raise ListenError(
+                f"cannot listen on {self.description}: the socket systemd passed was closed "
+                "when this listener stopped; only a new process can adopt it again"
+            )
         try:
             endpoint: IStreamServerEndpoint = serverFromString(self._reactor, self.description)
-            return endpoint
-        except (ValueError, TypeError, KeyError) as e:
+        except LookupError as e:
+            if _split_description(self.description)[0].strip().lower() == "systemd":
+                raise ListenError(
+                    f"cannot listen on {self.description}: the service manager passed no "
+                    "socket by that index or name (it must set LISTEN_PID, LISTEN_FDS and "
+                    "LISTEN_FDNAMES; give systemd-socket-activate --fdname=NAME)"
+                ) from None
             raise ListenError(f"malformed endpoint {self.description!r}: {e}") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ListenError(f"malformed endpoint {self.description!r}: {e}") from None
+        if self._inherited and isinstance(endpoint, AdoptedStreamServerEndpoint):
+            # Twisted's own adoption would chmod the file to 0666 and unlink it at stop.
+            return InheritedUNIXServerEndpoint(self._reactor, endpoint.fileno)
+        return endpoint
 
     def startService(self) -> None:
         endpoint = self._endpoint()
@@ -225,6 +279,7 @@ class ListeningService(Service):
         self.port = result
         if self._unix is not None:
             self.bound_path = self._unix.path
+        self._adopted = self._inherited
         super().startService()
 
     def stopService(self) -> Deferred[None]:

@@ -8,6 +8,7 @@ a broker or a credential source of its own.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from keyring.backend import KeyringBackend
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from credproxy._listen import (
@@ -28,7 +30,12 @@ from credproxy._listen import (
 )
 from credproxy._secret import Secret
 from credproxy.broker import Broker, SandboxPolicy
-from credproxy.broker._lock_file import FileRefreshLock, InProcessRefreshLock, IRefreshLock
+from credproxy.broker._lock_file import (
+    FileRefreshLock,
+    InProcessRefreshLock,
+    IRefreshLock,
+    RefreshLockError,
+)
 from credproxy.broker.credentials import BrokerCredentialSource, ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
 from credproxy.oauth import (
@@ -110,6 +117,32 @@ class CredproxyConfigError(ValueError):
     """
 
 
+def _private_state_dir(path: str) -> None:
+    """
+    Create the state directory with mode 0700, or check that an existing one
+    is a directory of ours, and make it private: it holds the file stores and
+    the refresh locks, and every store, keyring included, shares it.
+
+    @raise CredproxyConfigError: it cannot be used; the message names it.
+    """
+    try:
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o700)
+        info = os.stat(path)
+    except FileExistsError:
+        raise CredproxyConfigError(f"cannot use state directory {path}: not a directory") from None
+    except OSError as e:
+        raise CredproxyConfigError(f"cannot use state directory {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise CredproxyConfigError(f"cannot use state directory {path}: not a directory")
+    if info.st_uid != os.geteuid():
+        raise CredproxyConfigError(
+            f"cannot use state directory {path}: it belongs to uid {info.st_uid}, not to us"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
 # The subdirectory of the state directory holding the refresh lock files.
 LOCKS_DIR_NAME = "refresh-locks"
 
@@ -121,15 +154,21 @@ def build_broker(
     *,
     oauth_agent: IAgent | None = None,
     keyring_backend: KeyringBackend | None = None,
+    renew: bool = True,
 ) -> Broker:
     """
     The broker the configuration describes: its stores, its OAuth providers
     and, for stores other processes can share, the file lock that makes a
     refresh happen once per host.
 
+    A command that lives for seconds passes C{renew=False}: it must not
+    refresh tokens behind the user's back.
+
     @raise CredproxyConfigError: the store is unusable or the provider file bad.
     """
     state_dir = config.state_dir or default_state_dir()
+    if config.store != "memory":
+        _private_state_dir(state_dir)
     try:
         stores = open_host_stores(config.store, state_dir, calls, backend=keyring_backend)
     except StoreUnavailable as e:
@@ -145,7 +184,12 @@ def build_broker(
     if config.store == "memory":
         lock = InProcessRefreshLock()  # nothing outside this process can see the tokens
     else:
-        lock = FileRefreshLock(reactor, os.path.join(state_dir, LOCKS_DIR_NAME))
+        locks = os.path.join(state_dir, LOCKS_DIR_NAME)
+        try:
+            lock = FileRefreshLock(reactor, locks)
+        except (OSError, RefreshLockError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CredproxyConfigError(f"cannot use {locks}: {reason}") from None
     return Broker(
         reactor,
         stores.tokens,
@@ -154,6 +198,7 @@ def build_broker(
         refresh_lock=lock,
         sandbox=SandboxPolicy(config.sandbox_readable, config.allow_sandbox_login),
         store_description=stores.description,
+        renew=renew,
     )
 
 
@@ -267,9 +312,14 @@ class CredproxyService(MultiService):
             http=list(self.config.http_endpoints),
             rpc=list(self.config.rpc_endpoints),
         )
+        # Every face listens now (listening is synchronous): a Type=notify
+        # unit may start what depends on us. Only after, never on a failed start.
+        from credproxy._systemd import notify_ready
+
+        notify_ready()
         log.info("Credential store: {store}", store=self.broker.store_description)
         if self.http_face is not None:
-            self.credentials.describe().addCallback(self._log_credential)
+            self.credentials.describe().addCallbacks(self._log_credential, self._log_unknown)
 
     def _log_credential(self, description: str | None) -> None:
         if description:
@@ -279,6 +329,14 @@ class CredproxyService(MultiService):
                 "NO CREDENTIAL: every request to the HTTP face will get a 401 until you {how}",
                 how=self.credentials.how_to_configure(),
             )
+
+    def _log_unknown(self, failure: Failure) -> None:
+        # The stores could not be read: say so in one line (the store logged
+        # its own safe reason); the faces keep serving and say it per request.
+        log.error(
+            "Could not tell which credential the HTTP face will use: {kind}",
+            kind=failure.type.__qualname__ if failure.type else "unknown",
+        )
 
     def stopService(self) -> Deferred[None]:
         log.info("credproxy stopping")

@@ -1,20 +1,24 @@
 """
-The C{twistd credproxy} command line: the only module that knows the options
-and the only one that reaches for the global reactor.
+The C{twistd credproxy} command line: the only module (with C{credproxy.cli},
+which reuses its options) that knows the options and reaches for the global
+reactor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from credproxy._listen import ListenError, is_unix_description, parse_unix_description
-from credproxy._secret import Secret, read_secret_file
+from credproxy._secret import Secret, read_capability_token_file
 from credproxy.http import HTTPProxyConfig
 from credproxy.service import (
     DEFAULT_GRACE,
@@ -37,7 +41,77 @@ def _byte_count(value: str) -> int:
         raise ValueError(f"--max-body needs a whole number of bytes, not {value!r}") from None
 
 
-class Options(usage.Options):
+def credproxy_version() -> str:
+    """
+    The installed credproxy's version, from its distribution's metadata (the
+    one place it is written is pyproject.toml).
+    """
+    try:
+        return distribution_version("credproxy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+class VersionedOptions(usage.Options):
+    """
+    Options whose C{--version} is credproxy's own (Twisted's default prints
+    Twisted's), for C{twistd credproxy} and every C{credproxy} command.
+    """
+
+    def opt_version(self) -> NoReturn:
+        """
+        Display credproxy's version and exit.
+        """
+        print(f"credproxy {credproxy_version()}")
+        sys.exit(0)
+
+
+class StoreOptions(VersionedOptions):
+    """
+    The options saying where credentials are kept and which OAuth providers
+    exist: the service's, and every C{credproxy} command that opens the same
+    stores (login, status, set-key ...) takes them from here, so each is
+    defined once and means the same everywhere.
+    """
+
+    optParameters: list[list[Any]] = [
+        [
+            "store",
+            None,
+            "auto",
+            "Where credentials are kept: auto (keyring when a Secret Service answers, else file), "
+            "keyring, file or memory.",
+        ],
+        [
+            "state-dir",
+            None,
+            None,
+            "Directory of the file store, the change marker and the refresh lock files "
+            "(default $XDG_STATE_HOME/credproxy, else ~/.local/state/credproxy).",
+        ],
+        ["config", None, None, "TOML file configuring OAuth providers ([oauth.NAME] tables)."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["store"] not in STORE_KINDS:
+            raise usage.UsageError(f"--store must be one of {', '.join(STORE_KINDS)}")
+        if self["state-dir"] is None:
+            self["state-dir"] = default_state_dir()
+
+    def broker_config(self, **policy: Any) -> BrokerConfig:
+        """
+        The store options as the broker's configuration; C{policy} gives the
+        service's other broker settings (bucket, sandbox policy).
+        """
+        return BrokerConfig(
+            store=self["store"],
+            state_dir=self["state-dir"],
+            oauth_config=self["config"],
+            **policy,
+        )
+
+
+class Options(StoreOptions):
     """
     C{twistd credproxy [--http ENDPOINT]... [--rpc ENDPOINT]... [--upstream URL]
     [--max-body BYTES] [--capability-token-file PATH] [--allow-uid UID]... [--grace SECONDS]
@@ -63,23 +137,9 @@ class Options(usage.Options):
         ],
     ]
 
+    # The store options (--store, --state-dir, --config) come from StoreOptions.
     optParameters: list[list[Any]] = [
         ["upstream", None, _DEFAULTS.upstream, "Base URL of the Anthropic API (TLS verified)."],
-        [
-            "store",
-            None,
-            "auto",
-            "Where credentials are kept: auto (keyring when a Secret Service answers, else file), "
-            "keyring, file or memory.",
-        ],
-        [
-            "state-dir",
-            None,
-            None,
-            "Directory of the file store and the refresh lock files "
-            "(default $XDG_STATE_HOME/credproxy, else ~/.local/state/credproxy).",
-        ],
-        ["config", None, None, "TOML file configuring OAuth providers ([oauth.NAME] tables)."],
         [
             "bucket",
             None,
@@ -97,8 +157,9 @@ class Options(usage.Options):
             "capability-token-file",
             None,
             None,
-            "File holding the capability token agents must present (whitespace ignored). "
-            "The credential socket then serves only sandbox connections that present it.",
+            "File holding the capability token agents must present (whitespace ignored; mode "
+            "0600, at least 32 bytes: make one with credproxy new-token). The credential "
+            "socket then serves only sandbox connections that present it.",
         ],
         ["grace", None, DEFAULT_GRACE, "Seconds in-flight streams may finish at stop.", float],
     ]
@@ -146,16 +207,13 @@ class Options(usage.Options):
         self["allow-uid"].append(value)
 
     def postOptions(self) -> None:
+        super().postOptions()
         if self["max-body"] <= 0:
             raise usage.UsageError("--max-body must be a positive number of bytes")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must not be negative")
-        if self["store"] not in STORE_KINDS:
-            raise usage.UsageError(f"--store must be one of {', '.join(STORE_KINDS)}")
         if not self["bucket"]:
             raise usage.UsageError("--bucket needs a name")
-        if self["state-dir"] is None:
-            self["state-dir"] = default_state_dir()
         upstream = urlsplit(self["upstream"])
         if upstream.scheme not in ("http", "https") or not upstream.hostname:
             raise usage.UsageError("--upstream must be an http:// or https:// URL")
@@ -164,10 +222,12 @@ class Options(usage.Options):
         token: Secret | None = None
         if self["capability-token-file"]:
             try:
-                token = read_secret_file(self["capability-token-file"])
-            except (OSError, ValueError) as e:
-                detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                token = read_capability_token_file(self["capability-token-file"])
+            except OSError as e:
+                detail = e.strerror or type(e).__name__
                 raise usage.UsageError(f"cannot read --capability-token-file: {detail}") from None
+            except ValueError as e:
+                raise usage.UsageError(f"--capability-token-file: {e}") from None
         self["capability-token"] = token
         if not self["http"] and not self["rpc"]:
             self["http"] = [default_http_endpoint()]
@@ -199,10 +259,7 @@ class Options(usage.Options):
             ),
             capability_token=token,
             grace=self["grace"],
-            broker=BrokerConfig(
-                store=self["store"],
-                state_dir=self["state-dir"],
-                oauth_config=self["config"],
+            broker=self.broker_config(
                 bucket=self["bucket"],
                 sandbox_readable=frozenset(self["sandbox-read"]) if self["sandbox-read"] else None,
                 allow_sandbox_login=bool(self["allow-sandbox-login"]),

@@ -5,11 +5,12 @@ Secret must never show its value, and must compare in constant time by digest.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 
 import pytest
 
-from credproxy._secret import Secret, read_secret_file
+from credproxy._secret import Secret, read_capability_token_file, read_secret_file
 
 VALUE = "sk-ant-api03-very-secret-value"
 
@@ -81,3 +82,48 @@ def test_read_secret_file_refuses_empty_and_huge(tmp_path: pytest.TempPathFactor
     with pytest.raises(ValueError, match="larger than 64 KiB") as info:
         read_secret_file(huge)
     assert "xxxx" not in str(info.value)
+
+
+def _private(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_read_capability_token_file_reads_a_private_token(tmp_path: pytest.TempPathFactory) -> None:
+    path = _private(f"{tmp_path}/token", b"\n" + b"c" * 64 + b"\n")
+    assert read_capability_token_file(path).reveal() == "c" * 64
+
+
+def test_read_capability_token_file_refusals_never_quote_the_file(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    for name, data, expected in [
+        ("binary", b"\xff\xfe" + b"z" * 40, "is not UTF-8 text"),
+        ("huge", b"z" * (64 * 1024 + 1), "larger than 64 KiB"),
+        ("short", b"zzzz", "fewer than 32 bytes"),
+        ("blank", b" \n\t", "is empty"),
+    ]:
+        path = _private(f"{tmp_path}/{name}", data)
+        with pytest.raises(ValueError, match=expected) as refused:
+            read_capability_token_file(path)
+        assert "zzzz" not in str(refused.value) and "\\xff" not in str(refused.value)
+    readable = _private(f"{tmp_path}/open", b"z" * 64)
+    os.chmod(readable, 0o640)
+    with pytest.raises(ValueError, match="readable by group or others"):
+        read_capability_token_file(readable)
+    with pytest.raises(FileNotFoundError):
+        read_capability_token_file(f"{tmp_path}/missing")
+
+
+def test_read_secret_file_keeps_accepting_what_it_always_did(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    # The sandbox side reads its token with read_secret_file; only the
+    # service's own reader is strict.
+    path = f"{tmp_path}/short"
+    with open(path, "w") as f:
+        f.write("abc")
+    os.chmod(path, 0o644)
+    assert read_secret_file(path).reveal() == "abc"

@@ -1,10 +1,13 @@
 """
-The twistd command line: defaults, repeatable options, refusals with clear messages.
+The twistd command line: defaults, repeatable options, refusals with clear
+messages (a capability token file others can read, or too short to be
+unguessable), the store options shared with the credproxy command, --version.
 """
 
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -12,7 +15,7 @@ from twisted.python.usage import UsageError
 
 from credproxy._listen import parse_unix_description
 from credproxy.service import CredproxyService
-from credproxy.tap import Options, makeService
+from credproxy.tap import Options, StoreOptions, credproxy_version, makeService
 
 TOKEN = "0123456789abcdef" * 4
 
@@ -28,6 +31,7 @@ def token_file(tmp_path: object) -> str:
     path = os.path.join(str(tmp_path), "token")
     with open(path, "w") as f:
         f.write(f"\n  {TOKEN}  \n")
+    os.chmod(path, 0o600)
     return path
 
 
@@ -108,8 +112,44 @@ def test_bad_options_are_refused_clearly(argv: list[str], message: str) -> None:
 def test_empty_token_file_is_refused(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "empty")
     open(path, "w").close()
+    os.chmod(path, 0o600)
     with pytest.raises(UsageError, match="empty"):
         parse("--capability-token-file", path)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_token_file_group_or_others_can_read_is_refused(token_file: str, mode: int) -> None:
+    os.chmod(token_file, mode)
+    with pytest.raises(UsageError) as refused:
+        parse("--capability-token-file", token_file)
+    message = str(refused.value)
+    assert message.startswith("--capability-token-file: ")
+    assert f"readable by group or others (mode {mode:04o})" in message
+    assert f"chmod 600 {token_file}" in message
+    assert "\n" not in message and TOKEN not in message
+
+
+def test_a_token_of_fewer_than_32_bytes_is_refused(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "short")
+    short = "s" * 31
+    with open(path, "w") as f:
+        f.write(f"  {short}\n")  # the whitespace does not count
+    os.chmod(path, 0o600)
+    with pytest.raises(UsageError) as refused:
+        parse("--capability-token-file", path)
+    message = str(refused.value)
+    assert "holds fewer than 32 bytes" in message and "credproxy new-token" in message
+    assert short not in message and "\n" not in message
+    with open(path, "w") as f:
+        f.write("s" * 32)
+    assert parse("--capability-token-file", path)["capability-token"].reveal() == "s" * 32
+
+
+def test_a_token_file_that_is_not_a_regular_file_is_refused(tmp_path: object) -> None:
+    fifo = os.path.join(str(tmp_path), "fifo")
+    os.mkfifo(fifo, 0o600)  # opening it must not wait for a writer
+    with pytest.raises(UsageError, match="not a regular file"):
+        parse("--capability-token-file", fifo)
 
 
 def test_token_never_in_option_errors_or_reprs(token_file: str) -> None:
@@ -248,3 +288,47 @@ def test_make_service_shares_one_broker_between_the_faces(tmp_path: object) -> N
     assert service.rpc_face is not None
     assert service.rpc_face.factory.broker is service.broker
     assert service.broker.store_description.startswith("file (")
+
+
+def test_an_unusable_state_directory_stops_the_start_with_one_line(tmp_path: object) -> None:
+    not_a_dir = os.path.join(str(tmp_path), "file")
+    open(not_a_dir, "w").close()
+    for state_dir, reason in (
+        (not_a_dir, "not a directory"),
+        (f"{not_a_dir}/sub", "Not a directory"),
+    ):
+        options = parse("--store", "file", "--state-dir", state_dir)
+        with pytest.raises(SystemExit) as stopped:
+            makeService(options, reactor=MemoryReactorClock())
+        message = str(stopped.value)
+        assert message.startswith(f"credproxy: cannot use state directory {state_dir}")
+        assert reason in message and "\n" not in message
+
+
+def test_the_state_directory_is_made_private(tmp_path: object) -> None:
+    state_dir = os.path.join(str(tmp_path), "state")
+    os.mkdir(state_dir, 0o755)
+    makeService(parse("--store", "file", "--state-dir", state_dir), reactor=MemoryReactorClock())
+    assert os.stat(state_dir).st_mode & 0o777 == 0o700
+
+
+def test_the_store_options_are_defined_once_for_every_command() -> None:
+    # The service's options are the store options and more: one definition.
+    store_names = {p[0] for p in StoreOptions.optParameters}
+    assert store_names == {"store", "state-dir", "config"}
+    assert not store_names & {p[0] for p in Options.optParameters}
+    assert issubclass(Options, StoreOptions)
+    options = StoreOptions()
+    options.parseOptions(["--store", "file", "--config", "/etc/c.toml"])
+    assert (
+        options.broker_config(bucket="work")
+        == parse("--store", "file", "--config", "/etc/c.toml", "--bucket", "work").config().broker
+    )
+
+
+def test_version_is_credproxys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert credproxy_version() == version("credproxy")
+    with pytest.raises(SystemExit) as stopped:
+        parse("--version")
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"credproxy {version('credproxy')}\n"

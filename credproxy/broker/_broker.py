@@ -138,7 +138,7 @@ class Broker(Service):
     ) -> None:
         """
         C{save_token} from the credential socket: merged over the stored token,
-        and never setting the refresh token (wire-protocol's save merge).
+        and never setting the refresh token (the protocol's save merge).
         """
         entry = (provider, bucket or DEFAULT_BUCKET)
 

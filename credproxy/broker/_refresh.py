@@ -36,6 +36,7 @@ from credproxy.broker._errors import RefreshError, RefreshFailure
 from credproxy.broker._lock_file import IRefreshLock, RefreshLockError, RefreshLockTimeout
 from credproxy.broker._locks import EntryLocks
 from credproxy.broker.tokens import merge_refreshed
+from credproxy.oauth._http import Detail
 from credproxy.oauth._interfaces import IOAuthProvider, OAuthError, OAuthErrorKind
 from credproxy.stores._interfaces import IHostTokenStore, StoreError
 from credproxy.stores._token import Token
@@ -54,6 +55,19 @@ COOLDOWN = "cooldown"  # refreshed moments ago: the stored token was answered
 SUPERSEDED = "superseded"  # the rejected token was already replaced in the store
 
 _REFUSED_KINDS = (OAuthErrorKind.INVALID_GRANT, OAuthErrorKind.REJECTED)
+# A REJECTED call with one of these details was not a refusal of the refresh
+# token: the provider answered with something that is not a token. Logging in
+# again would not help, so it is a failed refresh, not REAUTH_REQUIRED.
+_BAD_ANSWERS = frozenset(
+    {Detail.ANSWER_TOO_LARGE, Detail.CONTENT_ENCODING, Detail.NOT_JSON, Detail.NOT_A_TOKEN}
+)
+
+
+def _refuses_refresh_token(error: OAuthError) -> bool:
+    """
+    Whether the provider refused the refresh token itself.
+    """
+    return error.kind in _REFUSED_KINDS and error.detail not in _BAD_ANSWERS
 
 
 class _Stopped(Exception):
@@ -413,7 +427,7 @@ class RefreshCoordinator:
         try:
             new = await self._call(flight, provider, spent)
         except OAuthError as e:
-            if e.kind in _REFUSED_KINDS:
+            if _refuses_refresh_token(e):
                 return await self._after_refusal(flight, stored, spent, e.kind)
             raise RefreshError(
                 RefreshFailure.REFRESH_FAILED,

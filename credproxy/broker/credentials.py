@@ -16,15 +16,16 @@ import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from credproxy._secret import Secret
 from credproxy.broker._errors import RefreshError, RefreshFailure
-from credproxy.stores._interfaces import DEFAULT_BUCKET
+from credproxy.stores._interfaces import DEFAULT_BUCKET, StoreError
 from credproxy.stores._token import Token
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ class BrokerCredentialSource:
     def current_credential(self) -> Deferred[UpstreamCredential | None]:
         if self._from_environment is not None:
             return succeed(self._from_environment)
-        return Deferred.fromCoroutine(self._stored())
+        return Deferred.fromCoroutine(self._stored()).addErrback(_store_unreadable)
 
     def how_to_configure(self) -> str:
         return (
@@ -281,7 +282,7 @@ class BrokerCredentialSource:
     def describe(self) -> Deferred[str | None]:
         if self._from_environment is not None:
             return succeed(_describe(self._from_environment))
-        return Deferred.fromCoroutine(self._describe_stored())
+        return Deferred.fromCoroutine(self._describe_stored()).addErrback(_store_unreadable)
 
     # -- the stores -----------------------------------------------------------------
 
@@ -363,6 +364,21 @@ class BrokerCredentialSource:
         else:
             renewal = f"without a refresh token ({self.login_advice()} when it expires)"
         return f"an OAuth token from {self._token_source}, {renewal}"
+
+
+def _store_unreadable(failure: Failure) -> NoReturn:
+    """
+    A store that cannot be read (a corrupt file, a Secret Service that does
+    not answer) is a failure of the moment for the agent, told in
+    credproxy's words; the store's own safe message goes to the log.
+    """
+    failure.trap(StoreError)
+    log.error("The credential store cannot be read: {error}", error=str(failure.value))
+    raise CredentialUnavailable(
+        "credproxy could not read its credential store; see its log on the host.",
+        reason="store_unavailable",
+        transient=True,
+    )
 
 
 @implementer(ICredentialSource)

@@ -23,6 +23,7 @@ from credproxy.oauth._http import (
     Detail,
     TokenEndpointClient,
     endpoint_url_problem,
+    is_loopback_host,
     token_from_answer,
 )
 from credproxy.oauth._interfaces import (
@@ -119,6 +120,10 @@ class AnthropicPKCEProvider:
         redirect = self.config.redirect_uri if redirect_uri is None else redirect_uri
         if not redirect:
             raise ValueError("redirect_uri must not be empty")
+        if not _acceptable_redirect(redirect, self.config.redirect_uri):
+            # A client (perhaps a sandbox allowed to log in) must not send the
+            # user's code to an address of its choosing.
+            raise ValueError("redirect_uri is neither the configured one nor a loopback URL")
         verifier = secrets.token_urlsafe(VERIFIER_BYTES)
         state = secrets.token_urlsafe(STATE_BYTES)
         query = urlencode(
@@ -174,3 +179,14 @@ class AnthropicPKCEProvider:
     def _token_call(self, fields: dict[str, str | Secret]) -> Deferred[Token]:
         d = self._client.post(self.config.token_url, fields, BodyEncoding.JSON)
         return d.addCallback(lambda answer: token_from_answer(answer, self._reactor.seconds()))
+
+
+def _acceptable_redirect(redirect: str, configured: str) -> bool:
+    """
+    The configured redirect URI, or an http(s) URL on a loopback host (the
+    native-app redirect of RFC 8252, whose listener runs on this machine).
+    """
+    if redirect == configured:
+        return True
+    parts = urlsplit(redirect)
+    return parts.scheme in ("http", "https") and is_loopback_host(parts.hostname or "")

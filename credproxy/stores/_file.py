@@ -14,7 +14,15 @@ go to the file again. A file that is not ours (not JSON, wrong shape, too
 large) is an error, never silently replaced: it may hold the only copy of a
 refresh token.
 
-All file I/O runs on L{IBlockingCalls}.
+Another process's write (C{credproxy set-key} while C{credproxy serve}
+runs) must be seen without a restart, yet a cached read must stay cheap.
+So every write by any host store, file or keyring, also bumps the state
+directory's change marker (L{ChangeMarker}, the file C{changed}), and a
+cached read first compares the marker's C{os.stat} with the one it last
+saw: one system call on the reactor thread, no thread hop, no D-Bus call.
+When it differs, the cache is dropped and the next read goes to the backend.
+
+All other file I/O runs on L{IBlockingCalls}.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -47,8 +56,16 @@ from credproxy.stores._interfaces import (
 from credproxy.stores._threads import IBlockingCalls
 from credproxy.stores._token import Token
 
+log = Logger(namespace="credproxy.stores")
+
 TOKENS_FILE = "tokens.json"
 KEYS_FILE = "keys.json"
+# The state directory's change marker: bumped by every write of every host
+# store, so other processes' caches notice (see L{ChangeMarker}).
+CHANGE_MARKER_FILE = "changed"
+# The marker grows by one byte a write; past this it starts again from
+# empty, so it stays tiny and its size still changes on every bump.
+MARKER_MAX_SIZE = 4096
 FILE_VERSION = 1
 # The largest store file read or written. Tokens are a few KiB each; a file
 # this large is not ours, and reading it whole must not exhaust memory.
@@ -149,22 +166,195 @@ def _locked(path: str, timeout: float) -> Iterator[None]:
     except OSError as e:
         raise StoreError(f"cannot open lock file {lock_path}: {e.strerror}") from None
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise StoreError(f"cannot lock {lock_path}: {e.strerror}") from None
-            if time.monotonic() >= deadline:
-                raise StoreError(
-                    f"{lock_path} stayed locked by another process for {timeout:g} s; not written"
-                )
-            time.sleep(_LOCK_POLL)
+        _flock_within(fd, lock_path, timeout)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _flock_within(fd: int, path: str, timeout: float) -> None:
+    """
+    Take an exclusive C{flock} on C{fd}, waiting at most C{timeout} seconds.
+
+    @raise StoreError: naming C{path}, when it cannot be taken in time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise StoreError(f"cannot lock {path}: {e.strerror}") from None
+        if time.monotonic() >= deadline:
+            raise StoreError(
+                f"{path} stayed locked by another process for {timeout:g} s; not written"
+            )
+        time.sleep(_LOCK_POLL)
+
+
+# What a cached read compares: the marker's inode, size, mtime and ctime.
+# The size alone changes on every bump (one byte appended); the times and
+# the inode cover the restart from empty and a marker someone replaced.
+MarkerSignature = tuple[int, int, int, int]
+# A bump's outcome: the marker's signature just before and just after it.
+Bump = tuple[MarkerSignature | None, MarkerSignature | None]
+
+
+def _signature(info: os.stat_result) -> MarkerSignature | None:
+    """
+    What a cached read compares. An empty marker counts as no marker: it was
+    just created and never bumped (a bump empties and appends under one
+    lock, so a locked look never sees a bumped marker empty; a reader that
+    catches one in between merely re-reads once more).
+    """
+    if info.st_size == 0:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+class ChangeMarker:
+    """
+    The change marker of a state directory, the file C{changed} (mode 0600):
+    every write of every host store on this host, in any process, appends a
+    byte to it after the write is done, and caches compare its signature.
+
+    Writers bump it under an exclusive C{flock} of the marker itself and
+    report the signature before and after their bump, so a writer can tell
+    whether anybody else bumped since it last looked: only then may it keep
+    its cache (see L{MarkerWatch.wrote}). Readers never lock: a reader that
+    stats the marker in the middle of a bump merely re-reads once more.
+    """
+
+    def __init__(self, directory: str, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, CHANGE_MARKER_FILE)
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"<ChangeMarker {self.path}>"
+
+    def current(self) -> MarkerSignature | None:
+        """
+        The marker's signature now, with one C{os.stat} (cheap enough for
+        the reactor thread); None when there is no marker yet.
+
+        @raise OSError: the marker cannot be examined (the caller then
+            cannot trust its cache).
+        """
+        try:
+            return _signature(os.stat(self.path))
+        except FileNotFoundError:
+            return None
+
+    def bump(self) -> Bump:
+        """
+        Blocking (on the thread pool): append one byte to the marker,
+        creating the state directory and the marker as needed.
+
+        @return: the signature before and after this bump, both taken under
+            the marker's lock.
+        @raise StoreError: the marker cannot be created, locked or written.
+        """
+        ensure_state_dir(self.directory)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open the change marker {self.path}: {e.strerror}") from None
+        try:
+            _flock_within(fd, self.path, self.lock_timeout)
+            before = _signature(os.fstat(fd))
+            if before is not None and before[1] >= MARKER_MAX_SIZE:
+                os.ftruncate(fd, 0)
+            os.write(fd, b".")
+            after = _signature(os.fstat(fd))
+        except OSError as e:
+            raise StoreError(f"cannot write the change marker {self.path}: {e.strerror}") from None
+        finally:
+            os.close(fd)  # and with it the lock
+        return before, after
+
+
+class MarkerWatch:
+    """
+    One store's view of a L{ChangeMarker}, on the reactor thread: the
+    signature it last saw, so it knows when to drop its cache. Without a
+    marker (stores made without a state directory) nothing ever changes.
+    """
+
+    def __init__(self, marker: ChangeMarker | None) -> None:
+        self.marker = marker
+        self._seen: MarkerSignature | None = None
+        self._warned = False
+        self.changed()  # the cache is empty: whatever the marker says now is seen
+
+    def changed(self) -> bool:
+        """
+        Whether anybody wrote since this store last looked (one C{os.stat});
+        either way, what the marker says now counts as seen. A marker that
+        cannot be examined always counts as changed.
+        """
+        if self.marker is None:
+            return False
+        try:
+            now = self.marker.current()
+        except OSError:
+            return True
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+    def wrote(self, bump: Bump | None) -> None:
+        """
+        This store's own write bumped the marker. When nobody else bumped it
+        since this store last looked, its cache (just updated by the write)
+        is current, and the new signature counts as seen; otherwise the next
+        read notices the difference and re-reads. C{None}: no marker.
+        """
+        if bump is None:
+            return
+        before, after = bump
+        if before == self._seen:
+            self._seen = after
+
+    def bump_failed(self, error: StoreError) -> None:
+        """
+        The write itself succeeded but the marker could not be bumped: other
+        processes may keep answering from what they cached before it. Said
+        once, not at every write.
+        """
+        if not self._warned:
+            self._warned = True
+            log.warn(
+                "{problem}; other credproxy processes may not see this host's writes"
+                " until they restart",
+                problem=str(error),
+            )
+
+
+def bump_marker(marker: ChangeMarker | None) -> Bump | StoreError | None:
+    """
+    Blocking: bump C{marker} after a write that already succeeded, handing a
+    failure back as a value rather than raising it, since the write stands.
+    """
+    if marker is None:
+        return None
+    try:
+        return marker.bump()
+    except StoreError as e:
+        return e
+
+
+def note_bump(watch: MarkerWatch, outcome: Bump | StoreError | None) -> None:
+    """
+    On the reactor: record what L{bump_marker} did in C{watch}.
+    """
+    if isinstance(outcome, StoreError):
+        watch.bump_failed(outcome)
+    else:
+        watch.wrote(outcome)
 
 
 class _StateFile(Generic[_S]):
@@ -182,6 +372,7 @@ class _StateFile(Generic[_S]):
         *,
         max_size: int,
         lock_timeout: float,
+        marker: ChangeMarker | None = None,
     ) -> None:
         self.path = path
         self.kind = kind
@@ -189,6 +380,7 @@ class _StateFile(Generic[_S]):
         self.dump = dump
         self.max_size = max_size
         self.lock_timeout = lock_timeout
+        self.marker = marker
 
     def _too_large(self) -> StoreError:
         return StoreCorrupt(
@@ -220,10 +412,12 @@ class _StateFile(Generic[_S]):
                 " credproxy will not overwrite it: repair or move it away"
             ) from None
 
-    def update(self, change: Callable[[_S], _R]) -> tuple[_S, _R]:
+    def update(self, change: Callable[[_S], _R]) -> tuple[_S, _R, Bump | StoreError | None]:
         """
         Under the lock: re-read the file (another process may have written
-        it), apply C{change} to that content, write it back atomically.
+        it), apply C{change} to that content, write it back atomically, then
+        bump the change marker (still under the lock, so the next writer of
+        this file bumps after us).
         """
         directory = os.path.dirname(self.path)
         ensure_state_dir(directory)
@@ -240,7 +434,8 @@ class _StateFile(Generic[_S]):
                 write_atomically(self.path, data)
             except OSError as e:
                 raise StoreError(f"cannot write {self.path}: {e.strerror}") from None
-        return state, result
+            bumped = bump_marker(self.marker)
+        return state, result, bumped
 
 
 def _check_version(data: Any, field: str) -> dict[str, Any]:
@@ -289,6 +484,8 @@ class _CachedFile(Generic[_S]):
     The reactor side of one store file: the cached content, reads that miss
     and writes serialized (so the cache follows the order of the writes), and
     a generation so a read that began before an C{invalidate} is not cached.
+    A read first looks at the change marker, and forgets the cached content
+    when anybody (another process, or another store) wrote since.
     """
 
     def __init__(self, file: _StateFile[_S], calls: IBlockingCalls) -> None:
@@ -297,10 +494,21 @@ class _CachedFile(Generic[_S]):
         self.state: _S | None = None
         self._lock = DeferredLock()
         self._generation = 0
+        self.watch = MarkerWatch(file.marker)
+
+    def current(self) -> _S | None:
+        """
+        The cached content if it is still current, else None (the caller
+        then L{read}s): the per-request path, with no Deferred of its own.
+        """
+        if self.watch.changed():
+            self.invalidate()
+        return self.state
 
     def read(self) -> Deferred[_S]:
-        if self.state is not None:
-            return succeed(self.state)
+        state = self.current()
+        if state is not None:
+            return succeed(state)
         result: Deferred[_S] = self._lock.run(self._read_missed)
         return result
 
@@ -321,15 +529,18 @@ class _CachedFile(Generic[_S]):
         return result
 
     def _update(self, change: Callable[[_S], _R]) -> Deferred[_R]:
-        def written(outcome: tuple[_S, _R]) -> _R:
-            self.state, result = outcome
+        def written(outcome: tuple[_S, _R, Bump | StoreError | None]) -> _R:
+            self.state, result, bumped = outcome
+            note_bump(self.watch, bumped)
             return result
 
         def failed(failure: Failure) -> Failure:
             self.invalidate()  # the file's state is unknown now
             return failure
 
-        d: Deferred[tuple[_S, _R]] = self.calls.run(self.file.update, change)
+        d: Deferred[tuple[_S, _R, Bump | StoreError | None]] = self.calls.run(
+            self.file.update, change
+        )
         return d.addCallbacks(written, failed)
 
     def invalidate(self) -> None:
@@ -361,6 +572,7 @@ class FileTokenStore:
                 _dump_tokens,
                 max_size=max_size,
                 lock_timeout=lock_timeout,
+                marker=ChangeMarker(directory, lock_timeout=lock_timeout),
             ),
             calls,
         )
@@ -371,6 +583,9 @@ class FileTokenStore:
 
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
         entry = (provider, bucket or DEFAULT_BUCKET)
+        state = self._file.current()
+        if state is not None:
+            return succeed(state.get(entry))
         return self._file.read().addCallback(lambda state: state.get(entry))
 
     def save_token(self, provider: str, token: Token, bucket: str | None = None) -> Deferred[None]:
@@ -441,6 +656,7 @@ class FileProviderKeyStore:
                 _dump_keys,
                 max_size=max_size,
                 lock_timeout=lock_timeout,
+                marker=ChangeMarker(directory, lock_timeout=lock_timeout),
             ),
             calls,
         )
@@ -449,6 +665,9 @@ class FileProviderKeyStore:
         return f"<FileProviderKeyStore {self.path}>"
 
     def get_key(self, name: str) -> Deferred[Secret | None]:
+        state = self._file.current()
+        if state is not None:
+            return succeed(state.get(name))
         return self._file.read().addCallback(lambda state: state.get(name))
 
     def save_key(self, name: str, key: Secret) -> Deferred[None]:

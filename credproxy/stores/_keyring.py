@@ -17,6 +17,13 @@ call at all, and C{invalidate} forgets an entry another process may have
 changed. All reads that miss the cache and all writes of one store are
 serialized: an index update is a read-modify-write, and two at once would
 lose an entry.
+
+A keyring cannot tell us that another process wrote to it, so stores given
+a state directory share the file stores' change marker there
+(L{credproxy.stores._file.ChangeMarker}): each write bumps it, and a cached
+read first compares its C{os.stat}, dropping the whole cache when anybody
+wrote since. That keeps a cached read free of D-Bus calls and thread hops,
+and lets C{credproxy set-key} reach a running service at once.
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ from zope.interface import implementer
 
 from credproxy._secret import Secret
 from credproxy.stores._counters import RequestCounters
+from credproxy.stores._file import (
+    Bump,
+    ChangeMarker,
+    MarkerWatch,
+    bump_marker,
+    note_bump,
+)
 from credproxy.stores._interfaces import (
     DEFAULT_BUCKET,
     BucketStats,
@@ -188,17 +202,50 @@ def _parse_name(member: Any) -> str:
 class _KeyringStore:
     """
     What both keyring stores share: the backend, the serialization of
-    misses and writes, and the generation that keeps a read which started
-    before an C{invalidate} from filling the cache with what it read.
+    misses and writes, the generation that keeps a read which started
+    before an C{invalidate} from filling the cache with what it read, and
+    the watch on the state directory's change marker (none without one).
     """
 
-    def __init__(self, calls: IBlockingCalls, backend: KeyringBackend | None) -> None:
+    def __init__(
+        self, calls: IBlockingCalls, backend: KeyringBackend | None, state_dir: str | None
+    ) -> None:
         self.calls = calls
         self.backend = backend if backend is not None else keyring.get_keyring()
         self.items = _Items(self.backend)
         self.description = f'keyring ({backend_name(self.backend)}, service "{SERVICE}")'
         self._lock = DeferredLock()
         self._generation = 0
+        self.marker = ChangeMarker(state_dir) if state_dir is not None else None
+        self._watch = MarkerWatch(self.marker)
+
+    def _forget_everything(self) -> None:
+        """
+        Drop every cached read (each store knows its own cache).
+        """
+        raise NotImplementedError
+
+    def _check_marker(self) -> None:
+        """
+        Before a cached read: forget the cache when anybody wrote since.
+        """
+        if self._watch.changed():
+            self._forget_everything()
+
+    def _bump(self) -> Bump | StoreError | None:
+        """
+        Blocking, at the end of every write: bump the marker, so other
+        processes (and this host's other stores) see the write.
+        """
+        return bump_marker(self.marker)
+
+    def _note(self, outcome: tuple[_T, Bump | StoreError | None]) -> _T:
+        """
+        On the reactor, after a write: record its bump in the watch.
+        """
+        result, bumped = outcome
+        note_bump(self._watch, bumped)
+        return result
 
     def _serialized(self, f: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
         result: Deferred[_T] = self._lock.run(f, *args)
@@ -226,8 +273,14 @@ class KeyringTokenStore(_KeyringStore):
     host gets one that is certainly a Secret Service.
     """
 
-    def __init__(self, calls: IBlockingCalls, backend: KeyringBackend | None = None) -> None:
-        super().__init__(calls, backend)
+    def __init__(
+        self,
+        calls: IBlockingCalls,
+        backend: KeyringBackend | None = None,
+        *,
+        state_dir: str | None = None,
+    ) -> None:
+        super().__init__(calls, backend, state_dir)
         self._tokens: dict[Entry, Token | None] = {}
         self._index: set[Entry] | None = None
         self.counters = RequestCounters()
@@ -251,38 +304,48 @@ class KeyringTokenStore(_KeyringStore):
     def _read_index(self) -> set[Entry]:
         return self.items.read_index(TOKEN_INDEX_ITEM, "tokens", _parse_entry)
 
-    def _write_token(self, entry: Entry, text: str) -> set[Entry]:
+    def _write_token(self, entry: Entry, text: str) -> tuple[set[Entry], Bump | StoreError | None]:
         # The index is read first: a corrupt one stops the write before anything changed.
         index = self._read_index()
-        self.items.write(token_item(*entry), text, f"the token of {_entry_name(entry)}")
-        if entry not in index:
-            index.add(entry)
-            self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
-        return index
+        try:
+            self.items.write(token_item(*entry), text, f"the token of {_entry_name(entry)}")
+            if entry not in index:
+                index.add(entry)
+                self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
+        finally:
+            bumped = self._bump()  # also when it failed half way: something may have changed
+        return index, bumped
 
-    def _delete_token(self, entry: Entry) -> set[Entry]:
+    def _delete_token(self, entry: Entry) -> tuple[set[Entry], Bump | StoreError | None]:
         # The item goes first: a failure in between leaves a name in the
         # index with no token, never a token that was meant to be removed.
         index = self._read_index()
-        self.items.delete(token_item(*entry), f"the token of {_entry_name(entry)}")
-        if entry in index:
-            index.discard(entry)
-            self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
-        return index
+        try:
+            self.items.delete(token_item(*entry), f"the token of {_entry_name(entry)}")
+            if entry in index:
+                index.discard(entry)
+                self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
+        finally:
+            bumped = self._bump()
+        return index, bumped
 
     # -- on the reactor ---------------------------------------------------------
+
+    def _forget_everything(self) -> None:
+        self._tokens.clear()
+        self._index = None
+        self._generation += 1
 
     def _forget_all(self, failure: Failure) -> Failure:
         """
         After a failed write the backend's state is unknown: read it again.
         """
-        self._tokens.clear()
-        self._index = None
-        self._generation += 1
+        self._forget_everything()
         return failure
 
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
         entry = (provider, bucket or DEFAULT_BUCKET)
+        self._check_marker()
         if entry in self._tokens:
             return succeed(self._tokens[entry])
         return self._serialized(self._get_missed, entry)
@@ -317,8 +380,10 @@ class KeyringTokenStore(_KeyringStore):
             self._index = index
 
         return self._serialized(
-            lambda: self.calls.run(self._write_token, entry, text).addCallbacks(
-                written, self._forget_all
+            lambda: (
+                self.calls.run(self._write_token, entry, text)
+                .addCallback(self._note)
+                .addCallbacks(written, self._forget_all)
             )
         )
 
@@ -331,12 +396,15 @@ class KeyringTokenStore(_KeyringStore):
             self.counters.forget(provider, bucket)
 
         return self._serialized(
-            lambda: self.calls.run(self._delete_token, entry).addCallbacks(
-                removed, self._forget_all
+            lambda: (
+                self.calls.run(self._delete_token, entry)
+                .addCallback(self._note)
+                .addCallbacks(removed, self._forget_all)
             )
         )
 
     def _entries(self) -> Deferred[set[Entry]]:
+        self._check_marker()
         if self._index is not None:
             return succeed(self._index)
         return self._serialized(self._index_missed)
@@ -386,8 +454,14 @@ class KeyringProviderKeyStore(_KeyringStore):
     Named API keys in a keyring, one item each, with an index.
     """
 
-    def __init__(self, calls: IBlockingCalls, backend: KeyringBackend | None = None) -> None:
-        super().__init__(calls, backend)
+    def __init__(
+        self,
+        calls: IBlockingCalls,
+        backend: KeyringBackend | None = None,
+        *,
+        state_dir: str | None = None,
+    ) -> None:
+        super().__init__(calls, backend, state_dir)
         self._keys: dict[str, Secret | None] = {}
         self._index: set[str] | None = None
 
@@ -403,31 +477,41 @@ class KeyringProviderKeyStore(_KeyringStore):
     def _read_index(self) -> set[str]:
         return self.items.read_index(KEY_INDEX_ITEM, "keys", _parse_name)
 
-    def _write_key(self, name: str, key: Secret) -> set[str]:
+    def _write_key(self, name: str, key: Secret) -> tuple[set[str], Bump | StoreError | None]:
         index = self._read_index()
-        self.items.write(key_item(name), key.reveal(), f"the key {name}")
-        if name not in index:
-            index.add(name)
-            self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
-        return index
+        try:
+            self.items.write(key_item(name), key.reveal(), f"the key {name}")
+            if name not in index:
+                index.add(name)
+                self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
+        finally:
+            bumped = self._bump()  # also when it failed half way: something may have changed
+        return index, bumped
 
-    def _delete_key(self, name: str) -> tuple[bool, set[str]]:
+    def _delete_key(self, name: str) -> tuple[tuple[bool, set[str]], Bump | StoreError | None]:
         index = self._read_index()
-        existed = self.items.delete(key_item(name), f"the key {name}")
-        if name in index:
-            index.discard(name)
-            self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
-        return existed, index
+        try:
+            existed = self.items.delete(key_item(name), f"the key {name}")
+            if name in index:
+                index.discard(name)
+                self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
+        finally:
+            bumped = self._bump()
+        return (existed, index), bumped
 
     # -- on the reactor ---------------------------------------------------------
 
-    def _forget_all(self, failure: Failure) -> Failure:
+    def _forget_everything(self) -> None:
         self._keys.clear()
         self._index = None
         self._generation += 1
+
+    def _forget_all(self, failure: Failure) -> Failure:
+        self._forget_everything()
         return failure
 
     def get_key(self, name: str) -> Deferred[Secret | None]:
+        self._check_marker()
         if name in self._keys:
             return succeed(self._keys[name])
         return self._serialized(self._get_missed, name)
@@ -456,8 +540,10 @@ class KeyringProviderKeyStore(_KeyringStore):
             self._index = index
 
         return self._serialized(
-            lambda: self.calls.run(self._write_key, name, key).addCallbacks(
-                written, self._forget_all
+            lambda: (
+                self.calls.run(self._write_key, name, key)
+                .addCallback(self._note)
+                .addCallbacks(written, self._forget_all)
             )
         )
 
@@ -468,10 +554,15 @@ class KeyringProviderKeyStore(_KeyringStore):
             return existed
 
         return self._serialized(
-            lambda: self.calls.run(self._delete_key, name).addCallbacks(deleted, self._forget_all)
+            lambda: (
+                self.calls.run(self._delete_key, name)
+                .addCallback(self._note)
+                .addCallbacks(deleted, self._forget_all)
+            )
         )
 
     def _names(self) -> Deferred[set[str]]:
+        self._check_marker()
         if self._index is not None:
             return succeed(self._index)
         return self._serialized(self._index_missed)

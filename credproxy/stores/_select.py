@@ -177,8 +177,11 @@ def open_host_stores(
         raise ValueError(f"unknown store {kind!r}: choose one of {', '.join(STORE_KINDS)}")
     service, reason = _probe(backend, probe_timeout)
     if service is not None:
-        tokens = KeyringTokenStore(calls, service)
-        return HostStores(tokens, KeyringProviderKeyStore(calls, service), tokens.description)
+        # The state directory holds the change marker the keyring stores
+        # bump and watch, so other processes' writes are seen at once.
+        tokens = KeyringTokenStore(calls, service, state_dir=state_dir)
+        keys = KeyringProviderKeyStore(calls, service, state_dir=state_dir)
+        return HostStores(tokens, keys, tokens.description)
     if kind == "keyring":
         raise StoreUnavailable(
             f"--store keyring: no usable Secret Service: {reason}; {KEYRING_HELP}"

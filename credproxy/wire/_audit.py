@@ -1,6 +1,6 @@
 """
 The credential socket's audit trail: one structured line per connection
-event and per op (wire-protocol.md section 9). It names ops, providers,
+event and per op (the protocol reference (docs/wire.md)). It names ops, providers,
 buckets and key names, never a token, key, code, verifier or session id;
 a sandbox's misses name nothing (the op handlers leave those fields empty).
 """

@@ -1,6 +1,6 @@
 """
 The Twisted client of the credential socket: llxprt-code's ProxySocketClient
-behaviour (wire-protocol.md section 7) for code running under a reactor.
+behaviour (the protocol reference (docs/wire.md)) for code running under a reactor.
 
 One connection at a time, made lazily and handshaken before any request; many
 requests share it, correlated by id. At most MAX_IN_FLIGHT are on the wire (the

@@ -1,7 +1,7 @@
 """
 The credential socket as a service: one server factory listening on every
-endpoint, and the shutdown order clients depend on (wire-protocol.md
-section 7): end every connection first, remove the socket file last.
+endpoint, and the shutdown order clients depend on (docs/wire.md): end
+every connection first, remove the socket file last.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """
-The server side of the handshake (wire-protocol.md section 2) as pure
+The server side of the handshake (the protocol reference (docs/wire.md)) as pure
 functions: which version a first frame asks for, whether it carries the
 capability token, and the reply frames.
 """

@@ -1,5 +1,5 @@
 """
-The login ops (wire-protocol.md sections 4 and 5): C{oauth_initiate},
+The login ops (the protocol reference (docs/wire.md)): C{oauth_initiate},
 C{oauth_exchange}, C{oauth_poll} and C{oauth_cancel}, each a thin
 translation between the wire and the broker's L{LoginSessions}.
 

@@ -1,5 +1,5 @@
 """
-What each operation does (wire-protocol.md sections 4 and 5), separate from
+What each operation does (the protocol reference (docs/wire.md)), separate from
 the framing and the connection that carry it.
 
 Every handler is an C{async} function of the connection's L{OpContext}, the

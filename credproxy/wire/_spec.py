@@ -1,5 +1,5 @@
 """
-The facts of the credential socket protocol (docs: wire-protocol.md), defined
+The facts of the credential socket protocol (docs/wire.md), defined
 once and imported by the server, the clients and the tests.
 """
 

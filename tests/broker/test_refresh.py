@@ -38,6 +38,7 @@ from credproxy.broker._refresh import (
     RefreshCoordinator,
 )
 from credproxy.broker.tokens import merge_saved
+from credproxy.oauth._http import Detail
 from credproxy.oauth._interfaces import FlowType, IOAuthProvider, OAuthError, OAuthErrorKind
 from credproxy.stores import FileTokenStore, MemoryTokenStore, StoreError
 from credproxy.stores._interfaces import IHostTokenStore
@@ -74,7 +75,7 @@ class TokenEndpoint:
         self.name = name
         self.clock = clock
         self.calls: list[str] = []
-        self.script: list[OAuthErrorKind | str] = []
+        self.script: list[OAuthErrorKind | OAuthError | str] = []
         self.held: list[Deferred[Token]] = []
         self.on_call: Callable[[], None] | None = None
         self.lifetime = 3600.0
@@ -102,6 +103,8 @@ class TokenEndpoint:
         step = self.script.pop(0) if self.script else None
         if isinstance(step, OAuthErrorKind):
             return fail(OAuthError(step, "400"))
+        if isinstance(step, OAuthError):
+            return fail(step)
         if spent not in self.live:
             return fail(OAuthError(OAuthErrorKind.INVALID_GRANT, "400"))
         if self.rotate:
@@ -513,6 +516,21 @@ class RetryTests(SynchronousTestCase):
 
 
 class RefusalTests(SynchronousTestCase):
+    def test_an_answer_that_is_not_a_token_is_a_failed_refresh_not_a_new_login(self) -> None:
+        for detail in (Detail.NOT_JSON, Detail.NOT_A_TOKEN, Detail.ANSWER_TOO_LARGE):
+            h = Harness(self)
+            stored = h.put(0)
+            h.endpoint.script = [OAuthError(OAuthErrorKind.REJECTED, detail)]
+            h.failure(h.refresh(), RefreshFailure.REFRESH_FAILED)
+            self.assertEqual(h.stored(), stored)
+            self.assertEqual(len(h.endpoint.calls), 1)  # a bad answer is not retried
+
+    def test_a_refusal_with_a_status_is_a_new_login(self) -> None:
+        h = Harness(self)
+        h.put(0)
+        h.endpoint.script = [OAuthError(OAuthErrorKind.REJECTED, "401")]
+        h.failure(h.refresh(), RefreshFailure.REAUTH_REQUIRED)
+
     def test_invalid_grant_uses_the_token_another_process_stored(self) -> None:
         h = Harness(self)
         h.put(0)

@@ -28,6 +28,7 @@ from credproxy.testing import FakeOAuthServer
 from credproxy.wire import ProxyRequestError, ProxySocketClient
 from tests.integration.agents import exchange, messages_request
 from tests.integration.upstream import Upstream
+from tests.logcapture import captured_log, log_text
 
 DEVICE = "example"
 CAPABILITY = "cd" * 32
@@ -209,3 +210,25 @@ async def test_a_sandbox_logs_in_only_when_the_host_allows_it(make_host: MakeHos
         },
     )
     assert "refresh_token" not in token
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreadable_store_gives_a_clear_answer_and_no_traceback(
+    make_host: MakeHost, upstream: Upstream, tmp_path: Any
+) -> None:
+    state_dir = os.path.join(str(tmp_path), "state")
+    os.mkdir(state_dir, 0o700)
+    with open(os.path.join(state_dir, "tokens.json"), "w") as f:
+        f.write("{not json")
+    os.chmod(os.path.join(state_dir, "tokens.json"), 0o600)
+    with captured_log() as events:
+        host = await make_host()
+        answer = await exchange(reactor, host.http_path, messages_request())
+    assert answer.status == 502
+    assert answer.json()["error"]["message"] == (
+        "credproxy could not read its credential store; see its log on the host."
+    )
+    assert upstream.received == []
+    assert not [e for e in events if e.get("log_failure") is not None]
+    assert not [e for e in events if e["log_level"].name == "critical"]
+    assert "The credential store cannot be read" in log_text(events)

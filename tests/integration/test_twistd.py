@@ -160,6 +160,16 @@ async def wait_exit(running: Running, timeout: float = 20.0) -> int:
     return code
 
 
+def write_token(directory: str, token: str) -> str:
+    """
+    A capability token file as the service accepts one: private, 32 bytes or more.
+    """
+    path = os.path.join(directory, "token")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(token)
+    return path
+
+
 @pytest.fixture
 def runtime(socket_dir: str) -> Iterator[str]:
     yield socket_dir
@@ -306,9 +316,7 @@ async def test_a_bind_failure_on_the_second_face_cleans_up_the_first(runtime: st
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     port = taken.getsockname()[1]
-    token_path = os.path.join(runtime, "token")
-    with open(token_path, "w") as f:
-        f.write("a" * 64)
+    token_path = write_token(runtime, "a" * 64)
     try:
         running = start(
             runtime,
@@ -389,9 +397,7 @@ async def test_both_faces_by_default_and_the_credential_socket_answers(runtime: 
 @pytest_twisted.ensureDeferred
 async def test_rpc_only_with_a_capability_token_serves_sandboxes(runtime: str) -> None:
     token = "5a" * 32
-    token_path = os.path.join(runtime, "token")
-    with open(token_path, "w") as f:
-        f.write(token)
+    token_path = write_token(runtime, token)
     cred = os.path.join(runtime, "c.sock")
     running = start(runtime, "--rpc", f"unix:address={cred}", "--capability-token-file", token_path)
     try:

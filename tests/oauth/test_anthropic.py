@@ -86,6 +86,21 @@ class BeginTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             self.provider.begin("")
 
+    def test_a_redirect_uri_elsewhere_is_refused(self) -> None:
+        for elsewhere in (
+            "https://attacker.example/cb",
+            "http://console.anthropic.com/oauth/code/callback",
+            "javascript:alert(1)",
+        ):
+            with self.assertRaises(ValueError, msg=elsewhere):
+                self.provider.begin(elsewhere)
+        self.assertEqual(
+            self.provider.begin(ANTHROPIC.redirect_uri).redirect_uri, ANTHROPIC.redirect_uri
+        )
+        self.assertEqual(
+            self.provider.begin("https://127.0.0.1:8/cb").redirect_uri, "https://127.0.0.1:8/cb"
+        )
+
     def test_an_authorize_url_with_a_query(self) -> None:
         config = dataclasses.replace(ANTHROPIC, authorize_url="https://a.example/auth?tenant=x")
         provider = AnthropicPKCEProvider(config, Clock(), RequestTraversalAgent(None))

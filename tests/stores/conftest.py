@@ -23,7 +23,7 @@ import pytest
 
 from credproxy.stores._keyring import SERVICE
 
-START_TIMEOUT = 15.0
+START_TIMEOUT = 30.0  # a loaded 2-core machine can take a while to start gnome-keyring
 PASSWORD = b"credproxy-test-password"
 
 
@@ -84,6 +84,8 @@ def _wait_for_collection(address: str) -> None:
         except Exception:
             if time.monotonic() > deadline:
                 raise
+        if time.monotonic() > deadline:
+            raise RuntimeError("the test keyring's login collection stayed locked")
         time.sleep(0.05)
 
 

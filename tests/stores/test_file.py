@@ -3,7 +3,8 @@ The file stores: the store contract, modes (directory 0700, files 0600),
 atomic replacement (a failed or crashed rename leaves the old file), several
 real processes writing one directory at once without losing an entry, the
 lock wait bound, the file size bound, corrupt files as errors that are never
-overwritten, and reads cached until invalidated.
+overwritten, and reads cached until the change marker says another store (or
+another process) wrote, or until invalidated.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from credproxy._secret import Secret
@@ -35,8 +40,16 @@ from credproxy.stores import (
     StoreError,
     Token,
 )
-from credproxy.stores._file import MAX_FILE_SIZE, write_atomically
+from credproxy.stores._file import (
+    CHANGE_MARKER_FILE,
+    MARKER_MAX_SIZE,
+    MAX_FILE_SIZE,
+    ChangeMarker,
+    MarkerWatch,
+    write_atomically,
+)
 from credproxy.testing import InlineBlockingCalls
+from tests.logcapture import captured_log, log_text
 from tests.stores.contract import (
     ACCESS,
     KEY,
@@ -46,6 +59,7 @@ from tests.stores.contract import (
     token,
 )
 
+_T = TypeVar("_T")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -105,7 +119,8 @@ class FileTokenStoreTests(FileCase):
         finally:
             os.umask(old)
         self.assertEqual(stat.S_IMODE(os.stat(self.directory).st_mode), 0o700)
-        for name in ["tokens.json", "tokens.json.lock", "keys.json", "keys.json.lock"]:
+        names = ["tokens.json", "tokens.json.lock", "keys.json", "keys.json.lock", "changed"]
+        for name in names:
             mode = stat.S_IMODE(os.stat(os.path.join(self.directory, name)).st_mode)
             self.assertEqual(mode, 0o600, name)
 
@@ -136,16 +151,37 @@ class FileTokenStoreTests(FileCase):
         got = self.successResultOf(self.tokens().get_token("anthropic", "work"))
         self.assertEqual(got and got.refresh_token, REFRESH)
 
-    def test_reads_are_cached_until_invalidated(self) -> None:
-        mine, other = self.tokens(), self.tokens()  # other: another process
+    def test_reads_are_cached_while_nothing_changes(self) -> None:
+        mine = self.tokens()
         self.successResultOf(mine.save_token("anthropic", token("old")))
         before = self.calls.calls
-        for _ in range(3):
+        for _ in range(3):  # its own write bumped the marker, and that costs no re-read
             self.successResultOf(mine.get_token("anthropic"))
             self.successResultOf(mine.list_providers())
             self.successResultOf(mine.get_bucket_stats("anthropic"))
         self.assertEqual(self.calls.calls, before)
+
+    def test_another_stores_write_is_seen_by_the_next_read(self) -> None:
+        mine, other = self.tokens(), self.tokens()  # other: another process
+        self.successResultOf(mine.save_token("anthropic", token("old")))
+        got = self.successResultOf(mine.get_token("anthropic"))
+        self.assertEqual(got and got["access_token"], "old")
         self.successResultOf(other.save_token("anthropic", token("new")))
+        self.successResultOf(other.save_token("openai", token()))
+        before = self.calls.calls
+        got = self.successResultOf(mine.get_token("anthropic"))
+        self.assertEqual(got and got["access_token"], "new")
+        self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic", "openai"])
+        self.assertEqual(self.calls.calls, before + 1)  # one re-read, then cached again
+        self.successResultOf(other.remove_token("openai"))
+        self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic"])
+
+    def test_a_change_behind_the_markers_back_needs_invalidate(self) -> None:
+        mine = self.tokens()
+        self.successResultOf(mine.save_token("anthropic", token("old")))
+        changed = json.loads(self.read_raw(self.tokens_path))
+        changed["tokens"]["anthropic"]["default"]["access_token"] = "new"
+        self.write_raw(self.tokens_path, json.dumps(changed).encode())  # no marker bump
         got = self.successResultOf(mine.get_token("anthropic"))
         self.assertEqual(got and got["access_token"], "old")
         mine.invalidate("anthropic")
@@ -159,15 +195,29 @@ class FileTokenStoreTests(FileCase):
         self.successResultOf(mine.save_token("anthropic", token()))
         self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic", "openai"])
 
-    def test_key_reads_are_cached_until_invalidated(self) -> None:
+    def test_key_reads_are_cached_until_another_store_writes(self) -> None:
         mine, other = self.keys(), self.keys()
         self.successResultOf(mine.save_key("anthropic", Secret("old")))
-        self.successResultOf(other.save_key("anthropic", Secret("new")))
         before = self.calls.calls
         self.assertEqual(self.successResultOf(mine.get_key("anthropic")), Secret("old"))
+        self.assertEqual(self.successResultOf(mine.list_keys()), ["anthropic"])
         self.assertEqual(self.calls.calls, before)
-        mine.invalidate("anthropic")
+        self.successResultOf(other.save_key("anthropic", Secret("new")))
+        self.successResultOf(other.save_key("openai", Secret("o")))
         self.assertEqual(self.successResultOf(mine.get_key("anthropic")), Secret("new"))
+        self.assertEqual(self.successResultOf(mine.list_keys()), ["anthropic", "openai"])
+        self.assertTrue(self.successResultOf(other.delete_key("openai")))
+        self.assertFalse(self.successResultOf(mine.has_key("openai")))
+
+    def test_a_key_write_is_seen_by_the_token_store_too(self) -> None:
+        # One marker for the whole directory: a write to keys.json makes the
+        # token store re-read once (harmless), and never miss a change.
+        tokens = self.tokens()
+        self.successResultOf(tokens.list_providers())
+        self.successResultOf(self.keys().save_key("anthropic", Secret(KEY)))
+        before = self.calls.calls
+        self.successResultOf(tokens.list_providers())
+        self.assertEqual(self.calls.calls, before + 1)
 
     # -- atomicity ------------------------------------------------------------
 
@@ -277,6 +327,73 @@ class FileTokenStoreTests(FileCase):
             os.close(fd)
         self.successResultOf(store.save_token("anthropic", token("new")))
 
+    # -- the change marker ------------------------------------------------------
+
+    def test_every_write_bumps_the_marker(self) -> None:
+        marker = os.path.join(self.directory, CHANGE_MARKER_FILE)
+        store, keys = self.tokens(), self.keys()
+        sizes = []
+        self.successResultOf(store.save_token("anthropic", token()))
+        sizes.append(os.stat(marker).st_size)
+        self.successResultOf(store.remove_token("anthropic"))
+        sizes.append(os.stat(marker).st_size)
+        self.successResultOf(keys.save_key("k", Secret(KEY)))
+        sizes.append(os.stat(marker).st_size)
+        self.successResultOf(keys.delete_key("k"))
+        sizes.append(os.stat(marker).st_size)
+        self.assertEqual(sizes, [1, 2, 3, 4])
+        self.assertEqual(stat.S_IMODE(os.stat(marker).st_mode), 0o600)
+        self.assertNotIn(KEY.encode(), self.read_raw(marker))
+
+    def test_the_marker_starts_again_when_full_and_still_changes(self) -> None:
+        marker = ChangeMarker(self.directory)
+        self.write_raw(marker.path, b"." * MARKER_MAX_SIZE)
+        seen = marker.current()
+        before, after = marker.bump()
+        self.assertEqual(before, seen)
+        self.assertNotEqual(after, before)
+        self.assertEqual(os.path.getsize(marker.path), 1)
+
+    def test_a_marker_that_is_a_symlink_is_refused(self) -> None:
+        os.makedirs(self.directory)
+        target = os.path.join(self.base, "elsewhere")
+        os.symlink(target, os.path.join(self.directory, CHANGE_MARKER_FILE))
+        self.assertRaises(StoreError, ChangeMarker(self.directory).bump)
+        self.assertFalse(os.path.exists(target))
+
+    def test_a_write_after_someone_elses_bump_does_not_hide_it(self) -> None:
+        marker = ChangeMarker(self.directory)
+        watch = MarkerWatch(marker)
+        marker.bump()  # another process wrote, after this store last looked
+        watch.wrote(marker.bump())  # then this store's own write
+        self.assertTrue(watch.changed())  # the other write is not taken for ours
+        self.assertFalse(watch.changed())
+        watch.wrote(marker.bump())  # nobody else in between: the cache stays
+        self.assertFalse(watch.changed())
+
+    def test_a_marker_that_cannot_be_examined_always_counts_as_changed(self) -> None:
+        class Unreadable(ChangeMarker):
+            def current(self) -> tuple[int, int, int, int] | None:
+                raise PermissionError(13, "Permission denied")
+
+        watch = MarkerWatch(Unreadable(self.directory))
+        self.assertTrue(watch.changed())
+        self.assertTrue(watch.changed())
+        self.assertFalse(MarkerWatch(None).changed())
+
+    def test_a_write_whose_marker_cannot_be_bumped_stands_and_says_so(self) -> None:
+        os.makedirs(os.path.join(self.directory, CHANGE_MARKER_FILE))  # not a file
+        store = self.tokens()
+        with captured_log() as events:
+            self.successResultOf(store.save_token("anthropic", token()))
+            self.successResultOf(store.save_token("openai", token()))
+        got = self.successResultOf(self.tokens().get_token("anthropic"))
+        self.assertEqual(got and got.refresh_token, REFRESH)
+        warnings = [formatEvent(e) for e in events if "change marker" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1)  # said once, not at every write
+        self.assertIn("may not see this host's writes", warnings[0])
+        self.assertNotIn(REFRESH, log_text(events))
+
     # -- bounds and corruption ---------------------------------------------------
 
     def test_size_bound_on_read(self) -> None:
@@ -373,3 +490,48 @@ async def test_on_real_threads(state_dir: str) -> None:
         assert await FileProviderKeyStore(state_dir, calls).get_key("anthropic") == Secret(KEY)
     finally:
         await calls.stopService()
+
+
+def _now(d: Deferred[_T]) -> _T:
+    """
+    The result of a Deferred that has already fired (the stores here run
+    their calls inline).
+    """
+    results: list[_T] = []
+    failures: list[Failure] = []
+    d.addCallbacks(results.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+@pytest.mark.slow
+def test_a_write_by_another_process_is_seen_by_the_next_read(state_dir: str) -> None:
+    calls = InlineBlockingCalls()
+    tokens, keys = FileTokenStore(state_dir, calls), FileProviderKeyStore(state_dir, calls)
+    _now(tokens.save_token("anthropic", Token({"access_token": "old"})))
+    first = _now(tokens.get_token("anthropic"))
+    assert first is not None and first["access_token"] == "old"
+    assert _now(keys.get_key("anthropic")) is None  # the absence is cached too
+    cached = calls.calls
+    assert _now(tokens.get_token("anthropic")) is not None and calls.calls == cached
+    writer = textwrap.dedent(
+        """
+        import sys
+        from credproxy._secret import Secret
+        from credproxy.stores import FileProviderKeyStore, FileTokenStore, Token
+        from credproxy.testing import InlineBlockingCalls
+
+        directory, key = sys.argv[1], sys.argv[2]
+        FileTokenStore(directory, InlineBlockingCalls()).save_token(
+            "anthropic", Token({"access_token": "new"})
+        )
+        FileProviderKeyStore(directory, InlineBlockingCalls()).save_key("anthropic", Secret(key))
+        """
+    )
+    subprocess.run([sys.executable, "-c", writer, state_dir, KEY], cwd=ROOT, timeout=60, check=True)
+    got = _now(tokens.get_token("anthropic"))
+    assert got is not None and got["access_token"] == "new"
+    assert _now(keys.get_key("anthropic")) == Secret(KEY)
+    assert calls.calls == cached + 2  # one re-read of each file, nothing more

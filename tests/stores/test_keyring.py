@@ -2,15 +2,19 @@
 The keyring stores against a real Secret Service (gnome-keyring on a private
 bus, see conftest.py): the store contract, one item per token cross-checked
 with secret-tool, reads cached (a cached read makes no backend call),
-invalidate, unambiguous item names, an index that concurrent writes do not
-lose entries from, and backend failures and corrupt items as clear errors
-that show no value.
+invalidate, another store's write seen through the state directory's change
+marker (still with no backend call while nothing changed), unambiguous item
+names, an index that concurrent writes do not lose entries from, and backend
+failures and corrupt items as clear errors that show no value.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import tempfile
 from typing import Any, cast
 
 import pytest
@@ -87,12 +91,23 @@ class KeyringCase(SynchronousTestCase):
         self.service = SecretServiceKeyring()
         self.backend = CountingBackend(self.service)
         self.calls = InlineBlockingCalls()
+        base = tempfile.mkdtemp(prefix="cp-keyring-state-")
+        self.addCleanup(shutil.rmtree, base, True)
+        self.state_dir = os.path.join(base, "credproxy")
 
-    def tokens(self) -> KeyringTokenStore:
-        return KeyringTokenStore(self.calls, cast(KeyringBackend, self.backend))
+    def tokens(self, *, marked: bool = False) -> KeyringTokenStore:
+        return KeyringTokenStore(
+            self.calls,
+            cast(KeyringBackend, self.backend),
+            state_dir=self.state_dir if marked else None,
+        )
 
-    def keys(self) -> KeyringProviderKeyStore:
-        return KeyringProviderKeyStore(self.calls, cast(KeyringBackend, self.backend))
+    def keys(self, *, marked: bool = False) -> KeyringProviderKeyStore:
+        return KeyringProviderKeyStore(
+            self.calls,
+            cast(KeyringBackend, self.backend),
+            state_dir=self.state_dir if marked else None,
+        )
 
     def secret_tool(self, username: str) -> str:
         return subprocess.run(
@@ -201,6 +216,31 @@ class KeyringTokenStoreTests(KeyringCase):
         self.assertEqual(got and got["access_token"], "new")
         self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic", "openai"])
 
+    def test_another_stores_write_is_seen_through_the_marker(self) -> None:
+        mine, other = self.tokens(marked=True), self.tokens(marked=True)  # other: a process
+        self.successResultOf(mine.save_token("anthropic", token("old")))
+        self.backend.calls.clear()
+        for _ in range(3):  # its own write costs no re-read
+            got = self.successResultOf(mine.get_token("anthropic"))
+            self.assertEqual(got and got["access_token"], "old")
+            self.successResultOf(mine.list_providers())
+        self.assertEqual(self.backend.calls, [])
+        self.successResultOf(other.save_token("anthropic", token("new")))
+        self.successResultOf(other.save_token("openai", token()))
+        self.backend.calls.clear()
+        calls_before = self.calls.calls
+        got = self.successResultOf(mine.get_token("anthropic"))
+        self.assertEqual(got and got["access_token"], "new")
+        self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic", "openai"])
+        self.successResultOf(mine.get_token("anthropic"))
+        self.assertEqual(
+            self.backend.calls, [("get", "token/anthropic/default"), ("get", TOKEN_INDEX_ITEM)]
+        )
+        self.assertEqual(self.calls.calls, calls_before + 2)
+        self.successResultOf(other.remove_token("openai"))
+        self.assertEqual(self.successResultOf(mine.list_providers()), ["anthropic"])
+        self.assertTrue(os.path.exists(os.path.join(self.state_dir, "changed")))
+
     def test_index_survives_a_restart(self) -> None:
         store = self.tokens()
         self.successResultOf(store.save_token("a:b", token(), "x/y"))
@@ -302,6 +342,27 @@ class KeyringKeyStoreTests(KeyringCase):
         self.assertEqual(self.successResultOf(mine.get_key("anthropic")), Secret("old"))
         mine.invalidate("anthropic")
         self.assertEqual(self.successResultOf(mine.get_key("anthropic")), Secret("new"))
+
+    def test_another_stores_key_write_is_seen_through_the_marker(self) -> None:
+        mine, other = self.keys(marked=True), self.keys(marked=True)
+        self.assertIsNone(self.successResultOf(mine.get_key("anthropic")))  # absence cached
+        self.assertEqual(self.successResultOf(mine.list_keys()), [])
+        self.backend.calls.clear()
+        self.assertIsNone(self.successResultOf(mine.get_key("anthropic")))
+        self.assertEqual(self.backend.calls, [])
+        self.successResultOf(other.save_key("anthropic", Secret(KEY)))
+        self.assertEqual(self.successResultOf(mine.get_key("anthropic")), Secret(KEY))
+        self.assertEqual(self.successResultOf(mine.list_keys()), ["anthropic"])
+        self.assertTrue(self.successResultOf(other.delete_key("anthropic")))
+        self.assertFalse(self.successResultOf(mine.has_key("anthropic")))
+
+    def test_a_failed_write_still_bumps_the_marker(self) -> None:
+        # The item may have been written before the index write failed.
+        store = self.keys(marked=True)
+        self.backend.fail_writes = True
+        self.failureResultOf(store.save_key("anthropic", Secret(KEY)), StoreError)
+        with open(os.path.join(self.state_dir, "changed"), "rb") as f:
+            self.assertEqual(f.read(), b".")
 
     def test_backend_failure_shows_no_key(self) -> None:
         store = KeyringProviderKeyStore(self.calls, fail_backend.Keyring())

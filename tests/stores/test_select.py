@@ -115,6 +115,10 @@ def test_keyring_chosen(secret_service: SecretServiceBus, state_dir: str, kind: 
     assert isinstance(stores.keys, KeyringProviderKeyStore)
     assert stores.tokens.backend is backend and stores.keys.backend is backend
     assert stores.description == 'keyring (SecretService, service "credproxy")'
+    # Both watch the state directory's change marker, as the file stores do.
+    for store in (stores.tokens, stores.keys):
+        assert store.marker is not None
+        assert store.marker.path == os.path.join(state_dir, "changed")
 
 
 def test_secret_service_that_is_not_running(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 from typing import Any, NoReturn
@@ -271,7 +273,16 @@ class _CommandLineService(CredproxyService):
     """
     Under twistd a face that cannot listen must end the process with one clear
     line, not a traceback and not a process running with a face missing.
+
+    SIGHUP (the terminal went away) stops the service as SIGTERM does:
+    twistd leaves it at the default action, which would end the process on
+    the spot with its socket files left behind.
     """
+
+    def __init__(self, reactor: Any, config: CredproxyConfig, **kwargs: Any) -> None:
+        super().__init__(reactor, config, **kwargs)
+        self._reactor = reactor
+        self._previous_hup: Any = None
 
     def startService(self) -> None:
         try:
@@ -284,6 +295,18 @@ class _CommandLineService(CredproxyService):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(listener.bound_path)
             raise SystemExit(f"credproxy: {e}") from None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        reactor = self._reactor
+        reactor.callFromThread(lambda: reactor.stop() if reactor.running else None)
+
+    def stopService(self) -> Any:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        return super().stopService()
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -241,6 +241,22 @@ async def test_serves_and_stops_cleanly_on_sigterm(upstream: Upstream, runtime: 
 
 
 @pytest_twisted.ensureDeferred
+async def test_sighup_stops_cleanly_too(runtime: str) -> None:
+    running = start(runtime)
+    try:
+        await wait_serving(running, running.http_sock, running.cred_sock)
+        running.process.send_signal(signal.SIGHUP)
+        assert await wait_exit(running) == 0
+        assert not os.path.exists(running.http_sock)
+        assert not os.path.exists(running.cred_sock)
+        assert "Server Shut Down." in running.output()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_lets_an_inflight_stream_finish(upstream: Upstream, runtime: str) -> None:
     upstream.resource.delay = 1.5
     running = start(

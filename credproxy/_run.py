@@ -11,8 +11,9 @@ grandchild could inherit. Its standard input, output and error are
 credproxy's own, untouched; INT, TERM and HUP sent to credproxy are passed
 on to it, and credproxy exits with its status.
 
-Only L{main} installs signal handlers and log observers and runs the
-reactor; L{RunSession} is the same run for a reactor of your own.
+Only L{main} installs signal handlers and log observers, hardens the
+process (L{credproxy._process}) and runs the reactor; L{RunSession} is the
+same run for a reactor of your own.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from credproxy import _process
 from credproxy._lifecycle import (
     LOOPBACK_HTTP_ENDPOINT,
     ProxyHandle,
@@ -56,6 +58,7 @@ from credproxy._lifecycle import (
     ProxyStartError,
     create_and_start_proxy,
 )
+from credproxy._process import CREDENTIAL_VARIABLES
 from credproxy._secret import Secret
 from credproxy.inner._environment import CAPABILITY_TOKEN_FD_ENV, CAPABILITY_TOKEN_FILE_ENV
 from credproxy.tap import Options
@@ -68,11 +71,7 @@ BASE_URL_ENV: Final = "ANTHROPIC_BASE_URL"
 API_KEY_ENV: Final = "ANTHROPIC_API_KEY"
 # Every variable that may hold a real credential an SDK or CLI would use.
 # None reaches the command: the proxy injects the credential upstream.
-REAL_CREDENTIAL_VARIABLES: Final = (
-    "ANTHROPIC_API_KEY",
-    "CLAUDE_CODE_OAUTH_TOKEN",
-    "ANTHROPIC_AUTH_TOKEN",
-)
+REAL_CREDENTIAL_VARIABLES: Final = CREDENTIAL_VARIABLES
 # The descriptor number the capability token is readable from in the
 # command: the first one after the standard three.
 TOKEN_FD: Final = 3
@@ -440,7 +439,13 @@ def main(argv: list[str], *, reactor: Any = None) -> int:
 
         reactor = global_reactor
     _start_logging(bool(options["verbose"]), sys.stderr)
-    session = RunSession(reactor, options.launch_config(), options["command"])
+    _process.harden()
+    # The proxy reads its credential from this copy, and the command's
+    # environment is made from it without the credential; our own
+    # environment, which anything else spawned would inherit, loses it now.
+    environ = dict(os.environ)
+    _process.forget_credential_variables()
+    session = RunSession(reactor, options.launch_config(), options["command"], environ=environ)
     outcome: list[int] = []
     previous: dict[int, Any] = {}
 

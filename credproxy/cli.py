@@ -58,7 +58,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from credproxy import tap
+from credproxy import _process, tap
 from credproxy._secret import Secret
 from credproxy.broker import Broker
 from credproxy.inner._login import ILoginBackend, LoginAdapter, StdioTerminal
@@ -772,10 +772,13 @@ def serve(options: ServeOptions, console: Console, reactor: Any) -> int:
     """
     reactor = _the_reactor(reactor)
     _begin_logging(console.stderr, options["log-format"])
+    _process.harden()
     try:
         service = tap.makeService(options, reactor)
     except SystemExit as e:
         return console.fail(_exit_text(e))
+    # The service has read its credential: nothing spawned from here inherits it.
+    _process.forget_credential_variables()
     try:
         service.startService()
     except SystemExit as e:

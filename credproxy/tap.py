@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 from typing import Any, NoReturn
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 from twisted.python import usage
 
+from credproxy import _process
 from credproxy._listen import ListenError, is_unix_description, parse_unix_description
 from credproxy._secret import Secret, read_capability_token_file
 from credproxy.http import HTTPProxyConfig
@@ -173,6 +175,19 @@ class Options(StoreOptions):
         self["allow-uid"] = []
         self["sandbox-read"] = []
 
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Under twistd (which is then C{parent}), a bad option ends the start
+        with one line on stderr, before twistd daemonizes: twistd's own
+        answer to a L{usage.UsageError} is the whole usage on stdout.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            raise SystemExit(f"credproxy: {e} (see --help)") from None
+
     def opt_sandbox_read(self, name: str) -> None:
         """
         Let sandbox connections read only the named entries (a key name or a
@@ -277,14 +292,29 @@ class _CommandLineService(CredproxyService):
     SIGHUP (the terminal went away) stops the service as SIGTERM does:
     twistd leaves it at the default action, which would end the process on
     the spot with its socket files left behind.
+
+    C{twistd}, twistd's own options when twistd runs it, brings that line
+    to the terminal from a daemon too (L{_process.TwistdStart}).
     """
 
-    def __init__(self, reactor: Any, config: CredproxyConfig, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: CredproxyConfig,
+        *,
+        twistd: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(reactor, config, **kwargs)
         self._reactor = reactor
         self._previous_hup: Any = None
+        # Last, so that a service that cannot be built leaves nothing running.
+        self._twistd = _process.TwistdStart(twistd) if twistd is not None else None
 
     def startService(self) -> None:
+        twistd = self._twistd
+        if twistd is not None:
+            twistd.starting()
         try:
             super().startService()
         except ListenError as e:
@@ -294,7 +324,16 @@ class _CommandLineService(CredproxyService):
                 if listener.bound_path is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(listener.bound_path)
-            raise SystemExit(f"credproxy: {e}") from None
+            line = f"credproxy: {e}"
+            if twistd is not None:
+                twistd.failed(line)
+            raise SystemExit(line) from None
+        except BaseException:
+            if twistd is not None:
+                twistd.twistd_reports()
+            raise
+        if twistd is not None:
+            twistd.started()
         if threading.current_thread() is threading.main_thread():
             self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
 
@@ -312,12 +351,24 @@ class _CommandLineService(CredproxyService):
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the service twistd runs.
+
+    When twistd (or twist) parsed C{options}, its own options are their
+    C{parent}, and this is credproxy's command line: the process is made
+    non-dumpable first, and the credential variables leave C{os.environ}
+    once the service has read them (L{credproxy._process}). Called by
+    anything else, it leaves the process alone.
     """
+    twistd: Mapping[str, Any] | None = options.parent
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if twistd is not None:
+        _process.harden()
     try:
-        return _CommandLineService(reactor, options.config(), environ=os.environ)
+        service = _CommandLineService(reactor, options.config(), twistd=twistd, environ=os.environ)
     except CredproxyConfigError as e:
         raise SystemExit(f"credproxy: {e}") from None
+    if twistd is not None:
+        _process.forget_credential_variables()
+    return service

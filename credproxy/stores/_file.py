@@ -36,6 +36,8 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -499,18 +501,22 @@ class _CachedFile(Generic[_S]):
     def current(self) -> _S | None:
         """
         The cached content if it is still current, else None (the caller
-        then L{read}s): the per-request path, with no Deferred of its own.
+        then reads the file).
         """
         if self.watch.changed():
             self.invalidate()
         return self.state
 
-    def read(self) -> Deferred[_S]:
+    def read(self, pick: Callable[[_S], _R]) -> Deferred[_R]:
+        """
+        C{pick} of the content. From a current cache that is the per-request
+        path: one C{os.stat} of the marker, no Deferred chain, no thread hop.
+        """
         state = self.current()
         if state is not None:
-            return succeed(state)
+            return succeed(pick(state))
         result: Deferred[_S] = self._lock.run(self._read_missed)
-        return result
+        return result.addCallback(pick)
 
     def _read_missed(self) -> Deferred[_S]:
         if self.state is not None:
@@ -548,11 +554,26 @@ class _CachedFile(Generic[_S]):
         self._generation += 1
 
 
-@implementer(IHostTokenStore)
-class FileTokenStore:
+@dataclass(frozen=True)
+class _Layout(Generic[_S]):
     """
-    OAuth tokens in C{tokens.json} of a state directory.
+    Which file of the state directory a store keeps, what it holds (the
+    name of its one field, for messages too), and how its JSON reads and writes.
     """
+
+    filename: str
+    kind: str
+    parse: Callable[[Any], _S]
+    dump: Callable[[_S], Any]
+
+
+class _FileStore(Generic[_S]):
+    """
+    What both file stores share: their file (C{_layout}) in a state
+    directory, cached, and the change marker beside it.
+    """
+
+    _layout: _Layout[_S]
 
     def __init__(
         self,
@@ -562,31 +583,42 @@ class FileTokenStore:
         max_size: int = MAX_FILE_SIZE,
         lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
-        self.path = os.path.join(directory, TOKENS_FILE)
+        layout = self._layout
+        self.path = os.path.join(directory, layout.filename)
         self.description = f"file ({self.path})"
         self._file = _CachedFile(
             _StateFile(
                 self.path,
-                "tokens",
-                _parse_tokens,
-                _dump_tokens,
+                layout.kind,
+                layout.parse,
+                layout.dump,
                 max_size=max_size,
                 lock_timeout=lock_timeout,
                 marker=ChangeMarker(directory, lock_timeout=lock_timeout),
             ),
             calls,
         )
-        self.counters = RequestCounters()
+
+
+@implementer(IHostTokenStore)
+class FileTokenStore(_FileStore[TokenState]):
+    """
+    OAuth tokens in C{tokens.json} of a state directory.
+    """
+
+    _layout = _Layout(TOKENS_FILE, "tokens", _parse_tokens, _dump_tokens)
 
     def __repr__(self) -> str:
         return f"<FileTokenStore {self.path}>"
 
+    @cached_property
+    def counters(self) -> RequestCounters:
+        # Made on first use, so that the constructor stays the shared one.
+        return RequestCounters()
+
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
         entry = (provider, bucket or DEFAULT_BUCKET)
-        state = self._file.current()
-        if state is not None:
-            return succeed(state.get(entry))
-        return self._file.read().addCallback(lambda state: state.get(entry))
+        return self._file.read(lambda state: state.get(entry))
 
     def save_token(self, provider: str, token: Token, bucket: str | None = None) -> Deferred[None]:
         entry = (provider, bucket or DEFAULT_BUCKET)
@@ -609,12 +641,10 @@ class FileTokenStore:
         return self._file.update(change).addCallback(removed)
 
     def list_providers(self) -> Deferred[list[str]]:
-        return self._file.read().addCallback(lambda state: sorted({p for p, _ in state}))
+        return self._file.read(lambda state: sorted({p for p, _ in state}))
 
     def list_buckets(self, provider: str) -> Deferred[list[str]]:
-        return self._file.read().addCallback(
-            lambda state: sorted(b for p, b in state if p == provider)
-        )
+        return self._file.read(lambda state: sorted(b for p, b in state if p == provider))
 
     def get_bucket_stats(
         self, provider: str, bucket: str | None = None
@@ -633,42 +663,18 @@ class FileTokenStore:
 
 
 @implementer(IHostProviderKeyStore)
-class FileProviderKeyStore:
+class FileProviderKeyStore(_FileStore[KeyState]):
     """
     Named API keys in C{keys.json} of a state directory.
     """
 
-    def __init__(
-        self,
-        directory: str,
-        calls: IBlockingCalls,
-        *,
-        max_size: int = MAX_FILE_SIZE,
-        lock_timeout: float = LOCK_TIMEOUT,
-    ) -> None:
-        self.path = os.path.join(directory, KEYS_FILE)
-        self.description = f"file ({self.path})"
-        self._file = _CachedFile(
-            _StateFile(
-                self.path,
-                "keys",
-                _parse_keys,
-                _dump_keys,
-                max_size=max_size,
-                lock_timeout=lock_timeout,
-                marker=ChangeMarker(directory, lock_timeout=lock_timeout),
-            ),
-            calls,
-        )
+    _layout = _Layout(KEYS_FILE, "keys", _parse_keys, _dump_keys)
 
     def __repr__(self) -> str:
         return f"<FileProviderKeyStore {self.path}>"
 
     def get_key(self, name: str) -> Deferred[Secret | None]:
-        state = self._file.current()
-        if state is not None:
-            return succeed(state.get(name))
-        return self._file.read().addCallback(lambda state: state.get(name))
+        return self._file.read(lambda state: state.get(name))
 
     def save_key(self, name: str, key: Secret) -> Deferred[None]:
         def change(state: KeyState) -> None:
@@ -683,10 +689,10 @@ class FileProviderKeyStore:
         return self._file.update(change)
 
     def list_keys(self) -> Deferred[list[str]]:
-        return self._file.read().addCallback(sorted)
+        return self._file.read(sorted)
 
     def has_key(self, name: str) -> Deferred[bool]:
-        return self._file.read().addCallback(lambda state: name in state)
+        return self._file.read(lambda state: name in state)
 
     def invalidate(self, name: str) -> None:
         self._file.invalidate()

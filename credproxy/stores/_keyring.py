@@ -29,8 +29,9 @@ and lets C{credproxy set-key} reach a running service at once.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable
+from functools import cached_property
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import quote
 
 import keyring
@@ -69,6 +70,8 @@ INDEX_VERSION = 1
 MAX_ITEM_CHARS = 1024 * 1024
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", bound=Hashable)  # what a store keys its entries by
+_V = TypeVar("_V")  # what an entry holds
 Entry = tuple[str, str]
 
 
@@ -182,55 +185,69 @@ class _Items:
         self.write(item, text, "the index")
 
 
-def _parse_entry(member: Any) -> Entry:
-    if (
-        isinstance(member, list)
-        and len(member) == 2
-        and isinstance(member[0], str)
-        and isinstance(member[1], str)
-    ):
-        return (member[0], member[1])
-    raise ValueError
-
-
-def _parse_name(member: Any) -> str:
-    if isinstance(member, str):
-        return member
-    raise ValueError
-
-
-class _KeyringStore:
+class _KeyringStore(Generic[_K, _V]):
     """
-    What both keyring stores share: the backend, the serialization of
-    misses and writes, the generation that keeps a read which started
-    before an C{invalidate} from filling the cache with what it read, and
+    What both keyring stores share: the backend; a cache of entries (a
+    cached None: known to be absent) and of the index; the serialization of
+    misses and writes; the generation that keeps a read which started
+    before an C{invalidate} from filling the cache with what it read; and
     the watch on the state directory's change marker (none without one).
+
+    Each store says where its entries and its index live (L{_item},
+    C{_index_item}, C{_index_field}), how an entry is read (L{_read_value})
+    and how the index names one (L{_parse_member}).
     """
+
+    _index_item: ClassVar[str]
+    _index_field: ClassVar[str]
 
     def __init__(
-        self, calls: IBlockingCalls, backend: KeyringBackend | None, state_dir: str | None
+        self,
+        calls: IBlockingCalls,
+        backend: KeyringBackend | None = None,
+        *,
+        state_dir: str | None = None,
     ) -> None:
         self.calls = calls
         self.backend = backend if backend is not None else keyring.get_keyring()
         self.items = _Items(self.backend)
         self.description = f'keyring ({backend_name(self.backend)}, service "{SERVICE}")'
+        self._cache: dict[_K, _V | None] = {}
+        self._index: set[_K] | None = None
         self._lock = DeferredLock()
         self._generation = 0
         self.marker = ChangeMarker(state_dir) if state_dir is not None else None
         self._watch = MarkerWatch(self.marker)
 
-    def _forget_everything(self) -> None:
+    # -- what each store says ---------------------------------------------------
+
+    def _item(self, entry: _K) -> tuple[str, str]:
         """
-        Drop every cached read (each store knows its own cache).
+        The username of C{entry}'s item, and how messages name the entry.
         """
         raise NotImplementedError
 
-    def _check_marker(self) -> None:
+    def _read_value(self, entry: _K) -> _V | None:
         """
-        Before a cached read: forget the cache when anybody wrote since.
+        Blocking: C{entry}'s value from the backend, None if it has none.
         """
-        if self._watch.changed():
-            self._forget_everything()
+        raise NotImplementedError
+
+    def _parse_member(self, member: Any) -> _K:
+        """
+        One member of the index as an entry.
+
+        @raise ValueError: it names no entry.
+        """
+        raise NotImplementedError
+
+    def _removed(self, entry: _K) -> None:
+        """
+        On the reactor, once C{entry} is removed: forget what else the store
+        keeps of it (nothing, unless a store says otherwise).
+        """
+
+    # -- blocking, on the pool --------------------------------------------------
 
     def _bump(self) -> Bump | StoreError | None:
         """
@@ -238,6 +255,63 @@ class _KeyringStore:
         processes (and this host's other stores) see the write.
         """
         return bump_marker(self.marker)
+
+    def _read_index(self) -> set[_K]:
+        return self.items.read_index(self._index_item, self._index_field, self._parse_member)
+
+    def _write_index(self, index: set[_K]) -> None:
+        # json writes a tuple entry as the list that _parse_member reads back.
+        self.items.write_index(self._index_item, self._index_field, list(index))
+
+    def _write_entry(self, entry: _K, text: str) -> tuple[set[_K], Bump | StoreError | None]:
+        # The index is read first: a corrupt one stops the write before anything changed.
+        index = self._read_index()
+        try:
+            item, what = self._item(entry)
+            self.items.write(item, text, what)
+            if entry not in index:
+                index.add(entry)
+                self._write_index(index)
+        finally:
+            bumped = self._bump()  # also when it failed half way: something may have changed
+        return index, bumped
+
+    def _delete_entry(self, entry: _K) -> tuple[tuple[bool, set[_K]], Bump | StoreError | None]:
+        # The item goes first: a failure in between leaves a name in the
+        # index with no value, never a value that was meant to be removed.
+        index = self._read_index()
+        try:
+            existed = self.items.delete(*self._item(entry))
+            if entry in index:
+                index.discard(entry)
+                self._write_index(index)
+        finally:
+            bumped = self._bump()
+        return (existed, index), bumped
+
+    # -- on the reactor ---------------------------------------------------------
+
+    def _forget_everything(self) -> None:
+        """
+        Drop every cached read.
+        """
+        self._cache.clear()
+        self._index = None
+        self._generation += 1
+
+    def _forget_all(self, failure: Failure) -> Failure:
+        """
+        After a failed write the backend's state is unknown: read it again.
+        """
+        self._forget_everything()
+        return failure
+
+    def _check_marker(self) -> None:
+        """
+        Before a cached read: forget the cache when anybody wrote since.
+        """
+        if self._watch.changed():
+            self._forget_everything()
 
     def _note(self, outcome: tuple[_T, Bump | StoreError | None]) -> _T:
         """
@@ -262,9 +336,96 @@ class _KeyringStore:
             return succeed(None)
         return self.calls.run(blocking, *args)
 
+    def _get(self, entry: _K) -> Deferred[_V | None]:
+        """
+        C{entry}'s value: a cached one at once (one C{os.stat} of the
+        marker, no call to the backend and no thread hop), else read.
+        """
+        self._check_marker()
+        if entry in self._cache:
+            return succeed(self._cache[entry])
+        return self._serialized(self._get_missed, entry)
+
+    def _get_missed(self, entry: _K) -> Deferred[_V | None]:
+        generation = self._generation
+        d = self._load(lambda: entry in self._cache, self._read_value, entry)
+
+        def loaded(value: _V | None) -> _V | None:
+            if entry in self._cache:
+                return self._cache[entry]
+            if generation == self._generation:
+                self._cache[entry] = value
+            return value
+
+        return d.addCallback(loaded)
+
+    def _save(self, entry: _K, value: _V, text: str) -> Deferred[None]:
+        """
+        Write C{text} as C{entry}'s item; once written, C{value} is cached.
+        """
+
+        def written(index: set[_K]) -> None:
+            self._cache[entry] = value
+            self._index = index
+
+        return self._serialized(
+            lambda: (
+                self.calls.run(self._write_entry, entry, text)
+                .addCallback(self._note)
+                .addCallbacks(written, self._forget_all)
+            )
+        )
+
+    def _remove(self, entry: _K) -> Deferred[bool]:
+        """
+        Delete C{entry}'s item: whether it existed.
+        """
+
+        def removed(outcome: tuple[bool, set[_K]]) -> bool:
+            existed, self._index = outcome
+            self._cache[entry] = None
+            self._removed(entry)
+            return existed
+
+        return self._serialized(
+            lambda: (
+                self.calls.run(self._delete_entry, entry)
+                .addCallback(self._note)
+                .addCallbacks(removed, self._forget_all)
+            )
+        )
+
+    def _entries(self) -> Deferred[set[_K]]:
+        """
+        The index: a cached one at once, else read.
+        """
+        self._check_marker()
+        if self._index is not None:
+            return succeed(self._index)
+        return self._serialized(self._index_missed)
+
+    def _index_missed(self) -> Deferred[set[_K]]:
+        generation = self._generation
+        d = self._load(lambda: self._index is not None, self._read_index)
+
+        def loaded(index: set[_K] | None) -> set[_K]:
+            if self._index is not None:
+                return self._index
+            assert index is not None
+            if generation == self._generation:
+                self._index = index
+            return index
+
+        return d.addCallback(loaded)
+
+    def _invalidate(self, entry: _K) -> None:
+        self._cache.pop(entry, None)
+        self._index = None  # another process may have added or removed it too
+        self._generation += 1
+
 
 @implementer(IHostTokenStore)
-class KeyringTokenStore(_KeyringStore):
+class KeyringTokenStore(_KeyringStore[Entry, Token]):
     """
     OAuth tokens in a keyring, one item per provider and bucket, with an index.
 
@@ -273,26 +434,23 @@ class KeyringTokenStore(_KeyringStore):
     host gets one that is certainly a Secret Service.
     """
 
-    def __init__(
-        self,
-        calls: IBlockingCalls,
-        backend: KeyringBackend | None = None,
-        *,
-        state_dir: str | None = None,
-    ) -> None:
-        super().__init__(calls, backend, state_dir)
-        self._tokens: dict[Entry, Token | None] = {}
-        self._index: set[Entry] | None = None
-        self.counters = RequestCounters()
+    _index_item = TOKEN_INDEX_ITEM
+    _index_field = "tokens"
 
     def __repr__(self) -> str:
-        return f"<KeyringTokenStore {backend_name(self.backend)} cached={len(self._tokens)}>"
+        return f"<KeyringTokenStore {backend_name(self.backend)} cached={len(self._cache)}>"
 
-    # -- blocking, on the pool --------------------------------------------------
+    @cached_property
+    def counters(self) -> RequestCounters:
+        # Made on first use, so that the constructor stays the shared one.
+        return RequestCounters()
 
-    def _read_token(self, entry: Entry) -> Token | None:
-        item = token_item(*entry)
-        data = self.items.get_json(item, f"the token of {_entry_name(entry)}")
+    def _item(self, entry: Entry) -> tuple[str, str]:
+        return token_item(*entry), f"the token of {_entry_name(entry)}"
+
+    def _read_value(self, entry: Entry) -> Token | None:
+        item, what = self._item(entry)
+        data = self.items.get_json(item, what)
         if data is None:
             return None
         if not isinstance(data, dict):
@@ -301,67 +459,21 @@ class KeyringTokenStore(_KeyringStore):
             )
         return Token(data)
 
-    def _read_index(self) -> set[Entry]:
-        return self.items.read_index(TOKEN_INDEX_ITEM, "tokens", _parse_entry)
+    def _parse_member(self, member: Any) -> Entry:
+        if (
+            isinstance(member, list)
+            and len(member) == 2
+            and isinstance(member[0], str)
+            and isinstance(member[1], str)
+        ):
+            return (member[0], member[1])
+        raise ValueError
 
-    def _write_token(self, entry: Entry, text: str) -> tuple[set[Entry], Bump | StoreError | None]:
-        # The index is read first: a corrupt one stops the write before anything changed.
-        index = self._read_index()
-        try:
-            self.items.write(token_item(*entry), text, f"the token of {_entry_name(entry)}")
-            if entry not in index:
-                index.add(entry)
-                self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
-        finally:
-            bumped = self._bump()  # also when it failed half way: something may have changed
-        return index, bumped
-
-    def _delete_token(self, entry: Entry) -> tuple[set[Entry], Bump | StoreError | None]:
-        # The item goes first: a failure in between leaves a name in the
-        # index with no token, never a token that was meant to be removed.
-        index = self._read_index()
-        try:
-            self.items.delete(token_item(*entry), f"the token of {_entry_name(entry)}")
-            if entry in index:
-                index.discard(entry)
-                self.items.write_index(TOKEN_INDEX_ITEM, "tokens", [list(e) for e in index])
-        finally:
-            bumped = self._bump()
-        return index, bumped
-
-    # -- on the reactor ---------------------------------------------------------
-
-    def _forget_everything(self) -> None:
-        self._tokens.clear()
-        self._index = None
-        self._generation += 1
-
-    def _forget_all(self, failure: Failure) -> Failure:
-        """
-        After a failed write the backend's state is unknown: read it again.
-        """
-        self._forget_everything()
-        return failure
+    def _removed(self, entry: Entry) -> None:
+        self.counters.forget(*entry)
 
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
-        entry = (provider, bucket or DEFAULT_BUCKET)
-        self._check_marker()
-        if entry in self._tokens:
-            return succeed(self._tokens[entry])
-        return self._serialized(self._get_missed, entry)
-
-    def _get_missed(self, entry: Entry) -> Deferred[Token | None]:
-        generation = self._generation
-        d = self._load(lambda: entry in self._tokens, self._read_token, entry)
-
-        def loaded(token: Token | None) -> Token | None:
-            if entry in self._tokens:
-                return self._tokens[entry]
-            if generation == self._generation:
-                self._tokens[entry] = token
-            return token
-
-        return d.addCallback(loaded)
+        return self._get((provider, bucket or DEFAULT_BUCKET))
 
     def save_token(self, provider: str, token: Token, bucket: str | None = None) -> Deferred[None]:
         entry = (provider, bucket or DEFAULT_BUCKET)
@@ -374,54 +486,10 @@ class KeyringTokenStore(_KeyringStore):
                     f" {MAX_ITEM_CHARS} characters; not saved"
                 )
             )
-
-        def written(index: set[Entry]) -> None:
-            self._tokens[entry] = token
-            self._index = index
-
-        return self._serialized(
-            lambda: (
-                self.calls.run(self._write_token, entry, text)
-                .addCallback(self._note)
-                .addCallbacks(written, self._forget_all)
-            )
-        )
+        return self._save(entry, token, text)
 
     def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
-        entry = (provider, bucket or DEFAULT_BUCKET)
-
-        def removed(index: set[Entry]) -> None:
-            self._tokens[entry] = None
-            self._index = index
-            self.counters.forget(provider, bucket)
-
-        return self._serialized(
-            lambda: (
-                self.calls.run(self._delete_token, entry)
-                .addCallback(self._note)
-                .addCallbacks(removed, self._forget_all)
-            )
-        )
-
-    def _entries(self) -> Deferred[set[Entry]]:
-        self._check_marker()
-        if self._index is not None:
-            return succeed(self._index)
-        return self._serialized(self._index_missed)
-
-    def _index_missed(self) -> Deferred[set[Entry]]:
-        generation = self._generation
-        d = self._load(lambda: self._index is not None, self._read_index)
-
-        def loaded(index: set[Entry] | None) -> set[Entry]:
-            if self._index is not None:
-                return self._index
-            assert index is not None
-            if generation == self._generation:
-                self._index = index
-            return index
-
-        return d.addCallback(loaded)
+        return self._remove((provider, bucket or DEFAULT_BUCKET)).addCallback(lambda _: None)
 
     def list_providers(self) -> Deferred[list[str]]:
         return self._entries().addCallback(lambda index: sorted({p for p, _ in index}))
@@ -443,151 +511,51 @@ class KeyringTokenStore(_KeyringStore):
         self.counters.record(provider, bucket, when)
 
     def invalidate(self, provider: str, bucket: str | None = None) -> None:
-        self._tokens.pop((provider, bucket or DEFAULT_BUCKET), None)
-        self._index = None  # another process may have added or removed it too
-        self._generation += 1
+        self._invalidate((provider, bucket or DEFAULT_BUCKET))
 
 
 @implementer(IHostProviderKeyStore)
-class KeyringProviderKeyStore(_KeyringStore):
+class KeyringProviderKeyStore(_KeyringStore[str, Secret]):
     """
     Named API keys in a keyring, one item each, with an index.
     """
 
-    def __init__(
-        self,
-        calls: IBlockingCalls,
-        backend: KeyringBackend | None = None,
-        *,
-        state_dir: str | None = None,
-    ) -> None:
-        super().__init__(calls, backend, state_dir)
-        self._keys: dict[str, Secret | None] = {}
-        self._index: set[str] | None = None
+    _index_item = KEY_INDEX_ITEM
+    _index_field = "keys"
 
     def __repr__(self) -> str:
-        return f"<KeyringProviderKeyStore {backend_name(self.backend)} cached={len(self._keys)}>"
+        return f"<KeyringProviderKeyStore {backend_name(self.backend)} cached={len(self._cache)}>"
 
-    # -- blocking, on the pool --------------------------------------------------
+    def _item(self, name: str) -> tuple[str, str]:
+        return key_item(name), f"the key {name}"
 
-    def _read_key(self, name: str) -> Secret | None:
-        value = self.items.read(key_item(name), f"the key {name}")
+    def _read_value(self, name: str) -> Secret | None:
+        value = self.items.read(*self._item(name))
         return None if value is None else Secret(value)
 
-    def _read_index(self) -> set[str]:
-        return self.items.read_index(KEY_INDEX_ITEM, "keys", _parse_name)
-
-    def _write_key(self, name: str, key: Secret) -> tuple[set[str], Bump | StoreError | None]:
-        index = self._read_index()
-        try:
-            self.items.write(key_item(name), key.reveal(), f"the key {name}")
-            if name not in index:
-                index.add(name)
-                self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
-        finally:
-            bumped = self._bump()  # also when it failed half way: something may have changed
-        return index, bumped
-
-    def _delete_key(self, name: str) -> tuple[tuple[bool, set[str]], Bump | StoreError | None]:
-        index = self._read_index()
-        try:
-            existed = self.items.delete(key_item(name), f"the key {name}")
-            if name in index:
-                index.discard(name)
-                self.items.write_index(KEY_INDEX_ITEM, "keys", list(index))
-        finally:
-            bumped = self._bump()
-        return (existed, index), bumped
-
-    # -- on the reactor ---------------------------------------------------------
-
-    def _forget_everything(self) -> None:
-        self._keys.clear()
-        self._index = None
-        self._generation += 1
-
-    def _forget_all(self, failure: Failure) -> Failure:
-        self._forget_everything()
-        return failure
+    def _parse_member(self, member: Any) -> str:
+        if isinstance(member, str):
+            return member
+        raise ValueError
 
     def get_key(self, name: str) -> Deferred[Secret | None]:
-        self._check_marker()
-        if name in self._keys:
-            return succeed(self._keys[name])
-        return self._serialized(self._get_missed, name)
-
-    def _get_missed(self, name: str) -> Deferred[Secret | None]:
-        generation = self._generation
-        d = self._load(lambda: name in self._keys, self._read_key, name)
-
-        def loaded(key: Secret | None) -> Secret | None:
-            if name in self._keys:
-                return self._keys[name]
-            if generation == self._generation:
-                self._keys[name] = key
-            return key
-
-        return d.addCallback(loaded)
+        return self._get(name)
 
     def save_key(self, name: str, key: Secret) -> Deferred[None]:
         if len(key.reveal()) > MAX_ITEM_CHARS:
             return fail(
                 StoreError(f"keyring: the key {name} is larger than {MAX_ITEM_CHARS} characters")
             )
-
-        def written(index: set[str]) -> None:
-            self._keys[name] = key
-            self._index = index
-
-        return self._serialized(
-            lambda: (
-                self.calls.run(self._write_key, name, key)
-                .addCallback(self._note)
-                .addCallbacks(written, self._forget_all)
-            )
-        )
+        return self._save(name, key, key.reveal())
 
     def delete_key(self, name: str) -> Deferred[bool]:
-        def deleted(outcome: tuple[bool, set[str]]) -> bool:
-            existed, self._index = outcome
-            self._keys[name] = None
-            return existed
-
-        return self._serialized(
-            lambda: (
-                self.calls.run(self._delete_key, name)
-                .addCallback(self._note)
-                .addCallbacks(deleted, self._forget_all)
-            )
-        )
-
-    def _names(self) -> Deferred[set[str]]:
-        self._check_marker()
-        if self._index is not None:
-            return succeed(self._index)
-        return self._serialized(self._index_missed)
-
-    def _index_missed(self) -> Deferred[set[str]]:
-        generation = self._generation
-        d = self._load(lambda: self._index is not None, self._read_index)
-
-        def loaded(index: set[str] | None) -> set[str]:
-            if self._index is not None:
-                return self._index
-            assert index is not None
-            if generation == self._generation:
-                self._index = index
-            return index
-
-        return d.addCallback(loaded)
+        return self._remove(name)
 
     def list_keys(self) -> Deferred[list[str]]:
-        return self._names().addCallback(sorted)
+        return self._entries().addCallback(sorted)
 
     def has_key(self, name: str) -> Deferred[bool]:
         return self.get_key(name).addCallback(lambda key: key is not None)
 
     def invalidate(self, name: str) -> None:
-        self._keys.pop(name, None)
-        self._index = None
-        self._generation += 1
+        self._invalidate(name)

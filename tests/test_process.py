@@ -1,0 +1,292 @@
+"""
+credproxy's own process (credproxy._process): non-dumpable and core-less,
+with one warning line where that is impossible; the credential variables
+gone from the environment once the service has read them; and a start
+under twistd that fails with one line, also from a daemon.
+
+Whatever acts on a whole process runs in a subprocess of its own, never in
+the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent
+from twisted.python.usage import UsageError
+from twisted.scripts._twistd_unix import ServerOptions  # what twistd parses with on Unix
+
+from credproxy import _process
+from credproxy.broker.credentials import EnvironmentCredentialSource
+from credproxy.tap import Options, makeService
+from tests.logcapture import captured_log
+
+API_KEY = "sk-ant-api03-process-test-key-0123456789"
+ON_LINUX = sys.platform.startswith("linux")
+
+
+def run_python(script: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# -- non-dumpable, no core ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_LINUX, reason="PR_SET_DUMPABLE is Linux's")
+def test_harden_makes_a_fresh_process_non_dumpable_without_core_dumps() -> None:
+    result = run_python(
+        """
+        import ctypes, json, resource
+        from credproxy import _process
+
+        def dumpable():  # prctl(PR_GET_DUMPABLE), asked without the code under test
+            return ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+        if hard != 0:
+            resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+        before = [dumpable(), resource.getrlimit(resource.RLIMIT_CORE)]
+        problems = _process.harden()
+        after = [dumpable(), resource.getrlimit(resource.RLIMIT_CORE), _process.is_dumpable()]
+        print(json.dumps([before, problems, after, hard]))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    before, problems, after, hard = json.loads(result.stdout)
+    assert before[0] == 1  # a fresh process is dumpable: the change below is harden's
+    assert problems == []
+    assert after[0] == 0
+    assert after[1] == [0, hard]  # the soft limit only: a run's command may raise its own
+    assert after[2] is False
+    if hard != 0:
+        assert before[1] == [hard, hard]
+
+
+def test_a_failing_prctl_is_one_warning_line_and_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(option: int, argument: int = 0) -> int:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(_process, "_prctl", refused)
+    monkeypatch.setattr(sys, "platform", "linux")
+    # The core limit is the test process's own: leave it.
+    monkeypatch.setattr(_process, "disable_core_dumps", lambda: None)
+    with captured_log() as events:
+        problems = _process.harden()
+    assert problems == ["prctl(PR_SET_DUMPABLE) failed: Operation not permitted"]
+    warnings = [e for e in events if e.get("log_namespace") == "credproxy.process"]
+    assert len(warnings) == 1
+    text = formatEvent(warnings[0])
+    assert "\n" not in text
+    assert "credproxy stays dumpable (prctl(PR_SET_DUMPABLE) failed" in text
+
+
+def test_not_on_linux_there_is_no_flag_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(option: int, argument: int = 0) -> int:
+        raise AssertionError("prctl is Linux's")
+
+    monkeypatch.setattr(_process, "_prctl", never)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _process.make_non_dumpable() == "not on Linux (darwin), so there is no PR_SET_DUMPABLE"
+    assert _process.is_dumpable() is None
+
+
+# -- the credential variables ---------------------------------------------------------------
+
+
+def test_forgetting_the_variables_removes_exactly_the_credentials() -> None:
+    environ = {
+        "ANTHROPIC_API_KEY": API_KEY,
+        "ANTHROPIC_AUTH_TOKEN": "bearer",
+        "PATH": "/usr/bin",
+        "ANTHROPIC_BASE_URL": "http://localhost",
+    }
+    assert _process.forget_credential_variables(environ) == [
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+    ]
+    assert environ == {"PATH": "/usr/bin", "ANTHROPIC_BASE_URL": "http://localhost"}
+    assert _process.forget_credential_variables(environ) == []
+
+
+def test_the_credential_source_keeps_what_it_read_before_the_variables_went() -> None:
+    environ = {"ANTHROPIC_API_KEY": API_KEY}
+    source = EnvironmentCredentialSource(environ)
+    _process.forget_credential_variables(environ)
+    assert environ == {}
+    credential = source.credential
+    assert credential is not None and credential.secret.reveal() == API_KEY
+
+
+@pytest.fixture
+def untouched_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """
+    makeService and startService under twistd act on the whole process:
+    here they record what they would do to it instead.
+    """
+    done: list[str] = []
+
+    def harden() -> list[str]:
+        done.append("harden")
+        return []
+
+    def make_non_dumpable() -> None:
+        done.append("flag")
+
+    monkeypatch.setattr(_process, "harden", harden)
+    monkeypatch.setattr(_process, "make_non_dumpable", make_non_dumpable)
+    yield done
+
+
+def twistd_options(*argv: str) -> Options:
+    """
+    credproxy's options as twistd parses them: its own options are their parent.
+    """
+    config = ServerOptions()
+    config.parseOptions(list(argv))
+    options = config.subOptions
+    assert isinstance(options, Options) and options.parent is config
+    return options
+
+
+def test_make_service_under_twistd_forgets_the_variables_once_it_has_read_them(
+    monkeypatch: pytest.MonkeyPatch, socket_dir: str, untouched_process: list[str]
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+    monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", "oauth-token")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "auth-token")
+    options = twistd_options(
+        "-n", "--pidfile=", "credproxy", "--store", "memory", "--http", f"unix:{socket_dir}/h.sock"
+    )
+    service = makeService(options, reactor=MemoryReactorClock())
+    assert untouched_process == ["harden"]
+    for name in _process.CREDENTIAL_VARIABLES:
+        assert name not in os.environ
+    credential = service.credentials.current_credential()  # type: ignore[attr-defined]
+    found: list[object] = []
+    credential.addCallback(found.append)
+    assert found and found[0].secret.reveal() == API_KEY  # type: ignore[attr-defined]
+
+
+def test_make_service_not_under_twistd_leaves_the_process_alone(
+    monkeypatch: pytest.MonkeyPatch, socket_dir: str, untouched_process: list[str]
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+    options = Options()
+    options.parseOptions(["--store", "memory", "--http", f"unix:{socket_dir}/h.sock"])
+    makeService(options, reactor=MemoryReactorClock())
+    assert untouched_process == []
+    assert os.environ["ANTHROPIC_API_KEY"] == API_KEY
+
+
+# -- starting under twistd ------------------------------------------------------------------
+
+
+def test_a_bad_option_under_twistd_is_one_line_not_the_usage(tmp_path: object) -> None:
+    missing = os.path.join(str(tmp_path), "missing")
+    with pytest.raises(SystemExit) as stopped:
+        twistd_options("credproxy", "--capability-token-file", missing)
+    assert str(stopped.value) == (
+        "credproxy: cannot read --capability-token-file: No such file or directory (see --help)"
+    )
+    # Anywhere else (credproxy serve, credproxy run, tests) it stays a UsageError.
+    with pytest.raises(UsageError):
+        Options().parseOptions(["--capability-token-file", missing])
+
+
+@pytest.fixture
+def live_socket(socket_dir: str) -> Iterator[str]:
+    path = os.path.join(socket_dir, "live.sock")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(path)
+    listening.listen(1)
+    try:
+        yield path
+    finally:
+        listening.close()
+
+
+@pytest.mark.parametrize(("written", "kept"), [("self", False), ("other", True)])
+def test_a_failed_start_under_twistd_removes_its_own_pidfile(
+    socket_dir: str, live_socket: str, untouched_process: list[str], written: str, kept: bool
+) -> None:
+    pidfile = os.path.join(socket_dir, "twistd.pid")
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid() if written == "self" else os.getpid() + 1))
+    options = twistd_options(
+        "-n",
+        f"--pidfile={pidfile}",
+        "credproxy",
+        "--store",
+        "memory",
+        "--http",
+        f"unix:address={live_socket}",
+    )
+    service = makeService(options, reactor=MemoryReactorClock())
+    with pytest.raises(SystemExit) as stopped:
+        service.startService()
+    assert str(stopped.value) == f"credproxy: another process is serving {live_socket}"
+    assert untouched_process == ["harden", "flag"]  # the flag again, after twistd's --uid
+    assert os.path.exists(pidfile) is kept
+
+
+def relay_run(child: str, first: str = "time.sleep(20)") -> tuple[int, str, float]:
+    """
+    A first process with a relay, and a forked "daemon" that runs C{child};
+    the first process then runs C{first}, by default waiting, as twistd's
+    does, for longer than any test.
+    """
+    started = time.monotonic()
+    result = run_python(
+        f"""
+        import os, sys, time
+        from credproxy._process import _StartRelay
+
+        relay = _StartRelay(grace=0.2)
+        pid = os.fork()
+        if pid == 0:
+            {child}
+            os._exit(3)
+        {first}
+        """
+    )
+    return result.returncode, result.stderr, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_the_relay_brings_the_daemons_line_to_the_first_process() -> None:
+    code, stderr, elapsed = relay_run('relay.report("credproxy: cannot listen on x: busy")')
+    assert (code, stderr) == (1, "credproxy: cannot listen on x: busy\n")
+    assert elapsed < 10
+
+
+@pytest.mark.slow
+def test_the_relay_stays_quiet_when_the_daemon_has_nothing_to_say() -> None:
+    # The first process outlives the grace, then ends by itself, as twistd's does on "0".
+    code, stderr, _ = relay_run("relay.report(None)", "os.waitpid(pid, 0); time.sleep(1)")
+    assert (code, stderr) == (0, "")
+
+
+@pytest.mark.slow
+def test_the_relay_notices_a_daemon_that_ends_without_a_word() -> None:
+    code, stderr, elapsed = relay_run("pass")
+    assert code == 1
+    assert stderr == "credproxy: the daemon ended while it started; see the twistd log\n"
+    assert elapsed < 10

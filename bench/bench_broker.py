@@ -349,8 +349,8 @@ def credential_lookup(rounds: int, count: int) -> dict[str, list[float]]:
     clock.advance(time.time())
     stored = Token(
         {
-            "access_token": "sk-ant-oat01-bench-lookup-0123456789",
-            "refresh_token": "sk-ant-ort01-bench-lookup-0123456789",
+            "access_token": "oat-bench-lookup-0123456789",
+            "refresh_token": "ort-bench-lookup-0123456789",
             "expiry": time.time() + STORED_LIFETIME,
             "token_type": "Bearer",
         }

@@ -261,7 +261,7 @@ class Exchange:
     def _credential_failed(self, failure: Failure) -> None:
         """
         The source has a credential but cannot give a usable one (its login
-        must be renewed on the host, or a refresh failed for now): the agent
+        must be renewed on the host, or this refresh failed): the agent
         gets credproxy's own explanation, never the provider's.
         """
         failure.trap(CredentialUnavailable)

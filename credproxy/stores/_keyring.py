@@ -29,6 +29,7 @@ and lets C{credproxy set-key} reach a running service at once.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from functools import cached_property
 from typing import Any, ClassVar, Generic, TypeVar
@@ -185,7 +186,7 @@ class _Items:
         self.write(item, text, "the index")
 
 
-class _KeyringStore(Generic[_K, _V]):
+class _KeyringStore(ABC, Generic[_K, _V]):
     """
     What both keyring stores share: the backend; a cache of entries (a
     cached None: known to be absent) and of the index; the serialization of
@@ -221,25 +222,25 @@ class _KeyringStore(Generic[_K, _V]):
 
     # -- what each store says ---------------------------------------------------
 
+    @abstractmethod
     def _item(self, entry: _K) -> tuple[str, str]:
         """
         The username of C{entry}'s item, and how messages name the entry.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _read_value(self, entry: _K) -> _V | None:
         """
         Blocking: C{entry}'s value from the backend, None if it has none.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def _parse_member(self, member: Any) -> _K:
         """
         One member of the index as an entry.
 
         @raise ValueError: it names no entry.
         """
-        raise NotImplementedError
 
     def _removed(self, entry: _K) -> None:
         """

@@ -160,15 +160,13 @@ def _result_of(d: Deferred[_T]) -> _T:
     return value
 
 
-class _BlockingHostTokenStore:
+class _Blocking:
     """
-    A host token store's methods, blocking. Calls are serialized (the store
-    expects one caller at a time, as on a reactor), and a read of an entry
-    always asks the backend, so a long-lived program sees what the host's
-    service or another process wrote since.
+    A host store's calls, one at a time (the store expects one caller at a
+    time, as on a reactor), each waited for on the calling thread.
     """
 
-    def __init__(self, store: IHostTokenStore) -> None:
+    def __init__(self, store: Any) -> None:
         self.store = store
         self._lock = threading.Lock()
 
@@ -178,6 +176,16 @@ class _BlockingHostTokenStore:
     def _now(self, call: Callable[[], Deferred[_T]]) -> _T:
         with self._lock:
             return _result_of(call())
+
+
+class _BlockingHostTokenStore(_Blocking):
+    """
+    A host token store's methods, blocking. A read of an entry always asks
+    the backend, so a long-lived program sees what the host's service or
+    another process wrote since.
+    """
+
+    store: IHostTokenStore
 
     def get_token(self, provider: str, bucket: str | None = None) -> Token | None:
         def read() -> Deferred[Token | None]:
@@ -206,22 +214,13 @@ class _BlockingHostTokenStore:
         return self._now(read)
 
 
-class _BlockingHostProviderKeyStore:
+class _BlockingHostProviderKeyStore(_Blocking):
     """
     A host key store's methods, blocking, with the same rules as
     L{_BlockingHostTokenStore}.
     """
 
-    def __init__(self, store: IHostProviderKeyStore) -> None:
-        self.store = store
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"<blocking {self.store!r}>"
-
-    def _now(self, call: Callable[[], Deferred[_T]]) -> _T:
-        with self._lock:
-            return _result_of(call())
+    store: IHostProviderKeyStore
 
     def get_key(self, name: str) -> Secret | None:
         def read() -> Deferred[Secret | None]:

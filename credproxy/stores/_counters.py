@@ -8,7 +8,10 @@ each proxied request into a backend write.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
+
 from credproxy.stores._interfaces import DEFAULT_BUCKET, BucketStats
+from credproxy.stores._token import Token
 
 # Distinct (provider, bucket) entries counted at once. Buckets are few in
 # practice; the bound keeps a caller that records arbitrary names from
@@ -64,4 +67,16 @@ class RequestCounters:
             request_count=count,
             percentage=100.0 * count / total if total else 0.0,
             last_used=last,
+        )
+
+    def stats_if_stored(
+        self, token: Deferred[Token | None], provider: str, bucket: str | None
+    ) -> Deferred[BucketStats | None]:
+        """
+        L{stats} once C{token} (the store's read of that bucket) fires, or
+        None when nothing is stored there: only a bucket holding a token has
+        stats.
+        """
+        return token.addCallback(
+            lambda stored: None if stored is None else self.stats(provider, bucket)
         )

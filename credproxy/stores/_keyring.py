@@ -503,10 +503,7 @@ class KeyringTokenStore(_KeyringStore[Entry, Token]):
     def get_bucket_stats(
         self, provider: str, bucket: str | None = None
     ) -> Deferred[BucketStats | None]:
-        def stats(token: Token | None) -> BucketStats | None:
-            return None if token is None else self.counters.stats(provider, bucket)
-
-        return self.get_token(provider, bucket).addCallback(stats)
+        return self.counters.stats_if_stored(self.get_token(provider, bucket), provider, bucket)
 
     def record_request(self, provider: str, bucket: str | None, when: float) -> None:
         self.counters.record(provider, bucket, when)

@@ -11,12 +11,10 @@ restart.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from twisted.internet.threads import deferToThread
 
 from credproxy.oauth._device import DEVICE_CODE_GRANT
 from credproxy.testing import FakeOAuthServer
+from tests.integration.test_twistd import post_messages
 from tests.integration.upstream import Upstream
 
 pytestmark = pytest.mark.slow
@@ -115,41 +114,8 @@ async def wait_exit(serving: Serving) -> int:
     return code
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=WAIT)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(WAIT)
-        self.sock.connect(self.path)
-
-
 def post_message(path: str) -> tuple[int, bytes]:
-    connection = UnixHTTPConnection(path)
-    try:
-        body = json.dumps(
-            {
-                "model": "claude-test",
-                "max_tokens": 5,
-                "messages": [{"role": "user", "content": "hi"}],
-            }
-        )
-        connection.request(
-            "POST",
-            "/v1/messages",
-            body=body,
-            headers={
-                "x-api-key": "placeholder",
-                "content-type": "application/json",
-                "anthropic-version": "2023-06-01",
-            },
-        )
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    return post_messages(path, stream=False)
 
 
 def credential_request(path: str, op: str, payload: dict[str, Any]) -> Any:

@@ -186,14 +186,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
-def post_messages(path: str) -> tuple[int, bytes]:
+def post_messages(path: str, stream: bool = True) -> tuple[int, bytes]:
     connection = UnixHTTPConnection(path)
     try:
         body = json.dumps(
             {
                 "model": "claude-test",
                 "max_tokens": 5,
-                "stream": True,
+                "stream": stream,
                 "messages": [{"role": "user", "content": "hi"}],
             }
         )

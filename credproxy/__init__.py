@@ -9,6 +9,7 @@ C{credproxy.inner} (the sandbox side) and C{credproxy.testing} (doubles for
 tests) export their own names.
 """
 
+from credproxy._limits import ConnectionLimits
 from credproxy._secret import Secret, read_secret_file
 from credproxy.broker import Broker, SandboxPolicy
 from credproxy.broker.credentials import (
@@ -27,6 +28,7 @@ __all__ = [
     "Broker",
     "BrokerConfig",
     "BrokerCredentialSource",
+    "ConnectionLimits",
     "CredentialKind",
     "CredproxyConfig",
     "CredproxyService",

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
+from credproxy._limits import ConnectionLimits
 from credproxy._listen import (
     ListenError,
     ListeningService,
@@ -53,6 +54,7 @@ from credproxy.stores import (
     open_host_stores,
 )
 from credproxy.wire import RPCFace
+from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 log = Logger()
 
@@ -108,6 +110,9 @@ class CredproxyConfig:
     capability_token: Secret | None = None
     grace: float = DEFAULT_GRACE
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    # The credential socket's own slots (the HTTP face's are in http.limits).
+    rpc_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
 
 
 class CredproxyConfigError(ValueError):
@@ -273,6 +278,8 @@ class CredproxyService(MultiService):
                 broker,
                 config.capability_token,
                 allowed_uids=config.http.allowed_uids,
+                limits=config.rpc_limits,
+                max_pending_handshakes=config.max_pending_handshakes,
             )
             self.rpc_face.setServiceParent(self)
 

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 from typing import Any, NoReturn
@@ -21,6 +21,11 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from credproxy import _process
+from credproxy._limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    ConnectionLimits,
+)
 from credproxy._listen import ListenError, is_unix_description, parse_unix_description
 from credproxy._secret import Secret, read_capability_token_file
 from credproxy.http import HTTPProxyConfig
@@ -34,15 +39,95 @@ from credproxy.service import (
     default_rpc_endpoint,
 )
 from credproxy.stores import DEFAULT_BUCKET, STORE_KINDS, default_state_dir
+from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 _DEFAULTS = HTTPProxyConfig()
 
 
-def _byte_count(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--max-body needs a whole number of bytes, not {value!r}") from None
+def _whole_number(option: str) -> Callable[[str], int]:
+    """
+    A parser for C{--option}'s value whose error names the option.
+    """
+
+    def parse(value: str) -> int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"--{option} needs a whole number, not {value!r}") from None
+
+    return parse
+
+
+# The limits an operator may need to change: (option, default, help, parser).
+# Each is checked to be positive in postOptions.
+_LIMIT_OPTIONS: list[list[Any]] = [
+    [
+        "max-body",
+        None,
+        _DEFAULTS.max_body,
+        "Largest request body accepted, in bytes (the API's own limit by default).",
+        _whole_number("max-body"),
+    ],
+    [
+        "max-buffered-bytes",
+        None,
+        _DEFAULTS.max_buffered_bytes,
+        "Bytes of request bodies held in memory at once, over all connections; past it a "
+        "request gets 503 overloaded_error.",
+        _whole_number("max-buffered-bytes"),
+    ],
+    [
+        "max-connections",
+        None,
+        DEFAULT_MAX_CONNECTIONS,
+        "Connections each face (HTTP, credential socket) keeps at once.",
+        _whole_number("max-connections"),
+    ],
+    [
+        "max-connections-per-peer",
+        None,
+        DEFAULT_MAX_CONNECTIONS_PER_PEER,
+        "Connections one peer (a uid on a Unix socket, an address on TCP) keeps on each face.",
+        _whole_number("max-connections-per-peer"),
+    ],
+    [
+        "max-pending-handshakes",
+        None,
+        MAX_PENDING_HANDSHAKES,
+        "Credential socket connections still handshaking at once (they never take the slots "
+        "of handshaken ones).",
+        _whole_number("max-pending-handshakes"),
+    ],
+    [
+        "max-upstream-connections",
+        None,
+        _DEFAULTS.max_upstream_connections,
+        "Upstream requests in flight at once; a request waits for one up to "
+        f"{_DEFAULTS.upstream_wait_timeout:g} s, then gets 503.",
+        _whole_number("max-upstream-connections"),
+    ],
+    [
+        "head-timeout",
+        None,
+        _DEFAULTS.head_timeout,
+        "Seconds a request head may take from its first byte (then 408).",
+        float,
+    ],
+    [
+        "body-idle-timeout",
+        None,
+        _DEFAULTS.body_idle_timeout,
+        "Seconds a request body may go without progress (then 408).",
+        float,
+    ],
+    [
+        "body-timeout",
+        None,
+        _DEFAULTS.body_timeout,
+        "Seconds a whole request body may take (then 408).",
+        float,
+    ],
+]
 
 
 def credproxy_version() -> str:
@@ -150,13 +235,7 @@ class Options(StoreOptions):
             DEFAULT_BUCKET,
             "Bucket of the stored anthropic OAuth token the HTTP face uses.",
         ],
-        [
-            "max-body",
-            None,
-            _DEFAULTS.max_body,
-            "Largest request body accepted, in bytes (the API's own limit by default).",
-            _byte_count,
-        ],
+        *_LIMIT_OPTIONS,
         [
             "capability-token-file",
             None,
@@ -225,8 +304,9 @@ class Options(StoreOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
-        if self["max-body"] <= 0:
-            raise usage.UsageError("--max-body must be a positive number of bytes")
+        for option in _LIMIT_OPTIONS:
+            if self[option[0]] <= 0:
+                raise usage.UsageError(f"--{option[0]} must be positive")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must not be negative")
         if not self["bucket"]:
@@ -265,6 +345,10 @@ class Options(StoreOptions):
         The parsed options as the service's configuration.
         """
         token: Secret | None = self["capability-token"]
+        limits = ConnectionLimits(
+            max_connections=self["max-connections"],
+            max_per_peer=self["max-connections-per-peer"],
+        )
         return CredproxyConfig(
             http_endpoints=tuple(self["http"]),
             rpc_endpoints=tuple(self["rpc"]),
@@ -273,7 +357,15 @@ class Options(StoreOptions):
                 max_body=self["max-body"],
                 capability_token=token,
                 allowed_uids=frozenset({os.getuid(), *self["allow-uid"]}),
+                max_buffered_bytes=self["max-buffered-bytes"],
+                limits=limits,
+                head_timeout=self["head-timeout"],
+                body_idle_timeout=self["body-idle-timeout"],
+                body_timeout=self["body-timeout"],
+                max_upstream_connections=self["max-upstream-connections"],
             ),
+            rpc_limits=limits,
+            max_pending_handshakes=self["max-pending-handshakes"],
             capability_token=token,
             grace=self["grace"],
             broker=self.broker_config(

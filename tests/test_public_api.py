@@ -19,6 +19,7 @@ def test_top_level_exports() -> None:
         "Broker",
         "BrokerConfig",
         "BrokerCredentialSource",
+        "ConnectionLimits",
         "CredentialKind",
         "CredproxyConfig",
         "CredproxyService",
@@ -176,9 +177,17 @@ def test_oauth_exports() -> None:
 
 def test_testing_exports() -> None:
     assert sorted(credproxy.testing.__all__) == [
+        "AgentConnection",
+        "AgentTransport",
+        "FaceHarness",
         "FakeOAuthServer",
         "InlineBlockingCalls",
+        "RawResponse",
         "ReceivedRequest",
+        "ScriptedResponse",
+        "ScriptedUpstream",
+        "UpstreamRequest",
+        "parse_responses",
     ]
     for name in credproxy.testing.__all__:
         assert getattr(credproxy.testing, name) is not None

@@ -93,7 +93,7 @@ def test_tcp_without_capability_token_is_refused() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--max-body", "0"], "--max-body must be a positive"),
+        (["--max-body", "0"], "--max-body must be positive"),
         (["--max-body", "lots"], "max-body"),
         (["--grace", "-1"], "--grace must not be negative"),
         (["--upstream", "ftp://x"], "--upstream must be an http"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+from http import HTTPStatus
 
 
 class ErrorKind(enum.Enum):
@@ -19,8 +20,13 @@ class ErrorKind(enum.Enum):
     PERMISSION = ("permission_error", 403)
     NOT_FOUND = ("not_found_error", 404)
     METHOD_NOT_ALLOWED = ("invalid_request_error", 405)
+    REQUEST_TIMEOUT = ("invalid_request_error", 408)
     REQUEST_TOO_LARGE = ("request_too_large", 413)
+    URI_TOO_LONG = ("invalid_request_error", 414)
+    HEADERS_TOO_LARGE = ("invalid_request_error", 431)
+    NOT_IMPLEMENTED = ("invalid_request_error", 501)
     API = ("api_error", 502)
+    OVERLOADED = ("overloaded_error", 503)
     TIMEOUT = ("api_error", 504)
 
     @property
@@ -42,28 +48,37 @@ def error_body(kind: ErrorKind, message: str) -> bytes:
     ).encode("utf-8")
 
 
-def raw_error_response(kind: ErrorKind, message: str) -> bytes:
+def reason_phrase(status: int) -> bytes:
     """
-    A whole HTTP/1.1 error response, for answering before twisted.web has a
-    request to answer through (body too large, peer refused).
+    The standard reason phrase of C{status}: what the agent is sent whatever
+    phrase the upstream wrote.
+    """
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"
+
+
+def raw_error_response(
+    kind: ErrorKind,
+    message: str,
+    *,
+    retry_after: int | None = None,
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """
+    A whole HTTP/1.1 error response that closes the connection, for answering
+    before or instead of twisted.web's request (a refused head, a body too
+    large, a deadline missed).
     """
     body = error_body(kind, message)
-    head = (
-        f"HTTP/1.1 {kind.status} {_REASONS[kind.status]}\r\n"
-        "content-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-_REASONS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Request Entity Too Large",
-    502: "Bad Gateway",
-    504: "Gateway Timeout",
-}
+    lines = [
+        b"HTTP/1.1 %d %s" % (kind.status, reason_phrase(kind.status)),
+        b"content-type: application/json",
+        b"content-length: %d" % (len(body),),
+        b"connection: close",
+    ]
+    if retry_after is not None:
+        lines.append(b"retry-after: %d" % (retry_after,))
+    lines.extend(name + b": " + value for name, value in extra_headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -1,7 +1,9 @@
 """
-One forwarded request, from credential lookup to the last byte: the upstream
-request, the first-byte timeout, the streaming pump with backpressure and an
-idle timer, the agent hanging up at any point, and the one replay with a
+One forwarded request, from credential lookup to the last byte: a slot among
+the upstream requests in flight, the upstream request, the first-byte
+timeout, the streaming pump (coalescing what one reactor turn brings into one
+write to the agent, with backpressure and an idle timer), a malformed
+upstream answer, the agent hanging up at any point, and the one replay with a
 replaced credential when the upstream refuses a stored OAuth token.
 """
 
@@ -9,17 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -29,14 +31,20 @@ from credproxy.broker.credentials import (
     UpstreamCredential,
 )
 from credproxy.http._audit import audit
+from credproxy.http._body import BodyProducer, body_of
 from credproxy.http._config import HTTPProxyConfig
-from credproxy.http._errors import ErrorKind, error_body
+from credproxy.http._errors import ErrorKind, error_body, reason_phrase
 from credproxy.http._headers import copy_response_headers, upstream_request_headers
+from credproxy.http._upstream import NoUpstreamSlot, UpstreamSlots, malformed_kind
 from credproxy.http._usage import UsageParser, parser_for
 
 log = Logger(namespace="credproxy.http")
 
 UNAUTHORIZED = 401
+# What an agent refused an upstream slot is told to wait before retrying:
+# slots are held by streams that last seconds to minutes.
+UPSTREAM_BUSY_RETRY_AFTER: Final = 5
+MALFORMED_ANSWER: Final = "The upstream API sent a malformed response."
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,12 @@ class ExchangeContext:
     credentials: ICredentialSource
     agent: IAgent
     upstream_base: bytes
+    # The face's cap on upstream requests in flight, made from the config:
+    # one per context, so every exchange of a face shares it.
+    slots: UpstreamSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slots", UpstreamSlots.for_config(self.reactor, self.config))
 
 
 def agent_transport(request: Request) -> Any:
@@ -58,35 +72,6 @@ def agent_transport(request: Request) -> Any:
     The agent's connection (a TCP or Unix transport: abortable, half-closeable).
     """
     return request.channel.transport
-
-
-def request_body(request: Request) -> bytes:
-    content = request.content
-    return content.getvalue() if content is not None else b""
-
-
-@implementer(IBodyProducer)
-class _BodyBytes:
-    """
-    An in-memory request body for the upstream hop.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        """The whole body is written at once; nothing to pause."""
-
-    def resumeProducing(self) -> None:
-        """The whole body is written at once; nothing to resume."""
-
-    def stopProducing(self) -> None:
-        """The whole body is written at once; nothing to stop."""
 
 
 @implementer(IPushProducer)
@@ -117,7 +102,15 @@ class _Backpressure:
 
 class StreamPump(Protocol):
     """
-    Copies the upstream answer's body to the agent chunk by chunk.
+    Copies the upstream answer's body to the agent.
+
+    What the upstream's reads deliver within one reactor turn (one read can
+    hold many small chunks, each its own C{dataReceived}) is held and
+    written to the agent as one C{request.write} at the start of the next
+    turn, and at once when the answer ends: one agent write per upstream
+    read rather than per chunk, and nothing written before the turn is over,
+    so a body that breaks within the turn it began in can still be answered
+    with an error instead of a cut-off.
     """
 
     paused = False
@@ -130,7 +123,9 @@ class StreamPump(Protocol):
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
-        self.bytes = 0
+        self._held: list[bytes] = []
+        self._flush_call: IDelayedCall | None = None
+        self.bytes = 0  # written to the agent
         self.stopped = False
 
     def connectionMade(self) -> None:
@@ -160,33 +155,70 @@ class StreamPump(Protocol):
         self.stop()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idle is not None:
-            self._idle.reset(self._idle_timeout)
-        self.bytes += len(data)
+        self._held.append(data)
+        if self._flush_call is None:
+            # The first bytes of this turn: the idle timer restarts once per
+            # turn, not per chunk.
+            if self._idle is not None:
+                self._idle.reset(self._idle_timeout)
+            self._flush_call = self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Write what is held to the agent, as one write.
+        """
+        self._cancel_flush()
+        held = self._held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        self._held = []
         if self._parser is not None:
             self._parser.feed(data)
+        self.bytes += len(data)
         self._exchange.request.write(data)
+
+    def discard(self) -> None:
+        """
+        Forget what is held, unwritten (the answer is replaced or cut off).
+        """
+        self._cancel_flush()
+        self._held = []
+
+    def _cancel_flush(self) -> None:
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+
+    def usage(self) -> Any:
+        return self._parser.finish() if self._parser is not None else None
 
     def stop(self) -> None:
         """
         Close the upstream connection now (agent gone, idle, or shutdown).
         """
         self.disarm_idle()
+        self.discard()
         if not self.stopped and self.transport is not None:
             self.stopped = True
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.disarm_idle()
+        self._cancel_flush()
         self.stopped = True
-        self._exchange.stream_ended(
-            reason, self.bytes, self._parser.finish() if self._parser else None
-        )
+        self._exchange.stream_ended(reason, self)
 
 
 class Exchange:
     """
     The life of one forwarded request.
+
+    An upstream slot (L{UpstreamSlots}) is taken just before the first
+    upstream request is sent and held until the exchange is done, across a
+    replay too; a request that gets none in time is answered 503 and never
+    forwarded.
 
     A stored OAuth token that the upstream refuses with a 401 is replaced and
     the request replayed, once: the decision is made when the answer's
@@ -205,14 +237,17 @@ class Exchange:
         # Read now: twisted.web closes the body file when the agent hangs up,
         # and forgets the channel when the answer is finished. Kept whole for
         # a replay, which sends exactly these bytes again.
-        self.body = request_body(request)
+        self.body = body_of(request.content)
         self.agent_transport = agent_transport(request)
         self._status = 0
         self._credential: UpstreamCredential | None = None
         self._replayed = False  # a replaced credential was asked for (at most once)
+        # The wait for an upstream slot while it lasts; whether one is held.
+        self._slot_wait: Deferred[None] | None = None
+        self._slot_held = False
         # None whenever no upstream request is under way (before the first,
-        # and while a replacement credential is awaited), so that a hang-up
-        # then ends the exchange at once.
+        # while a slot or a replacement credential is awaited), so that a
+        # hang-up then ends the exchange at once.
         self._upstream: Deferred[IResponse] | None = None
         # Deferred.called is already true while it waits on a chained Deferred,
         # so whether the answer's headers are still awaited is kept here.
@@ -220,6 +255,9 @@ class Exchange:
         self._first_byte_timer: IDelayedCall | None = None
         self._timed_out = False
         self._pump: StreamPump | None = None
+        # The upstream headers copied onto the agent's answer, taken off
+        # again if that answer becomes an error before a byte was written.
+        self._copied_headers: list[bytes] = []
         self._on_done: list[Callable[[Exchange], object]] = []
         request.notifyFinish().addErrback(self._agent_gone)
 
@@ -236,21 +274,51 @@ class Exchange:
     def _send(self, credential: UpstreamCredential | None) -> None:
         if self.gone:
             return
-        context = self._context
         if credential is None:
             self.answer_error(
                 ErrorKind.AUTHENTICATION,
                 "credproxy has no credential to forward with: "
-                + context.credentials.how_to_configure(),
+                + self._context.credentials.how_to_configure(),
                 outcome="no_credential",
             )
             return
         self._credential = credential
+        if self._slot_held:  # a replay: the first request's slot serves
+            self._forward(credential)
+            return
+        wait = self._slot_wait = self._context.slots.acquire()
+        wait.addCallbacks(self._slot_granted, self._slot_refused, callbackArgs=(credential,))
+        wait.addErrback(self._internal_failure)
+
+    def _slot_granted(self, _: None, credential: UpstreamCredential) -> None:
+        self._slot_wait = None
+        self._slot_held = True
+        if self.gone:  # cannot happen (a gone agent's wait is cancelled), but never leak
+            self._release_slot()
+            return
+        self._forward(credential)
+
+    def _slot_refused(self, failure: Failure) -> None:
+        self._slot_wait = None
+        if failure.check(CancelledError):
+            return  # the agent left while waiting; _agent_gone ended the exchange
+        failure.trap(NoUpstreamSlot)
+        if self.gone:
+            return
+        self.request.setHeader(b"retry-after", b"%d" % (UPSTREAM_BUSY_RETRY_AFTER,))
+        self.answer_error(
+            ErrorKind.OVERLOADED,
+            "credproxy has as many upstream requests in flight as it may; retry shortly.",
+            outcome="upstream_busy",
+        )
+
+    def _forward(self, credential: UpstreamCredential) -> None:
+        context = self._context
         request = self.request
         headers = upstream_request_headers(request.requestHeaders, credential)
         url = context.upstream_base + request.uri
         self._awaiting_headers = True
-        self._upstream = context.agent.request(b"POST", url, headers, _BodyBytes(self.body))
+        self._upstream = context.agent.request(b"POST", url, headers, BodyProducer(self.body))
         self._first_byte_timer = context.reactor.callLater(
             context.config.first_byte_timeout, self._first_byte_expired
         )
@@ -301,10 +369,22 @@ class Exchange:
                 outcome="first_byte_timeout",
             )
             return
+        kind = malformed_kind(failure)
+        if kind is not None:
+            self._answer_malformed(kind)
+            return
         log.warn("Upstream request failed: {error_type}", error_type=_failure_kind(failure))
         self.answer_error(
             ErrorKind.API, "credproxy could not reach the upstream API.", outcome="unreachable"
         )
+
+    def _answer_malformed(self, kind: str) -> None:
+        """
+        The upstream was reached and answered something that is not HTTP:
+        the agent gets a 502 of credproxy's own, the log the defect's name.
+        """
+        log.warn("Upstream sent a malformed response: {defect}", defect=kind)
+        self.answer_error(ErrorKind.API, MALFORMED_ANSWER, outcome="upstream_malformed")
 
     def _got_response(self, response: IResponse) -> None:
         self._cancel_first_byte_timer()
@@ -321,10 +401,13 @@ class Exchange:
         )
         request = self.request
         self._status = response.code
-        request.setResponseCode(response.code, response.phrase)
-        copy_response_headers(response.headers, request.responseHeaders)
+        # The standard phrase, whatever the upstream wrote: its phrase is
+        # free text the agent has no use for.
+        request.setResponseCode(response.code, reason_phrase(response.code))
+        self._copied_headers = copy_response_headers(response.headers, request.responseHeaders)
         if response.length is not UNKNOWN_LENGTH:
             request.setHeader(b"content-length", b"%d" % (response.length,))
+            self._copied_headers.append(b"content-length")
         response.deliverBody(self._pump)
 
     # -- the replay -------------------------------------------------------------
@@ -372,21 +455,55 @@ class Exchange:
 
     # -- the stream ---------------------------------------------------------------
 
-    def stream_ended(self, reason: Failure, nbytes: int, usage: Any) -> None:
-        if not self.gone:
+    def stream_ended(self, reason: Failure, pump: StreamPump) -> None:
+        """
+        The upstream answer's body is over: ended (what is held goes out,
+        then the end), or broken. A break before any byte reached the
+        agent is answered with an error in place of the answer; after, the
+        agent's connection is aborted so its client sees the answer cut off.
+        """
+        if self.gone:
+            pump.discard()
+            self._finish_audit(usage=pump.usage(), nbytes=pump.bytes)
+            return
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if clean and self.outcome == "ok":
+            pump.flush()
             self.request.unregisterProducer()
-            if reason.check(ResponseDone, PotentialDataLoss) and self.outcome == "ok":
-                self.request.finish()
+            self.request.finish()
+            self._finish_audit(usage=pump.usage(), nbytes=pump.bytes)
+            return
+        pump.discard()
+        self.request.unregisterProducer()
+        kind = None if clean else malformed_kind(reason)
+        if not self.request.startedWriting and self.outcome == "ok":
+            self._drop_copied_headers()
+            if kind is not None:
+                self._answer_malformed(kind)
             else:
-                if self.outcome == "ok":
-                    self.outcome = "upstream_broken"
-                    log.warn(
-                        "Upstream stream broke: {error_type}",
-                        error_type=reason.type.__name__ if reason.type else "unknown",
-                    )
-                # The agent must see the answer as incomplete, not as ended.
-                self.agent_transport.abortConnection()
-        self._finish_audit(usage=usage, nbytes=nbytes)
+                log.warn("Upstream stream broke: {error_type}", error_type=_failure_kind(reason))
+                self.answer_error(
+                    ErrorKind.API,
+                    "The upstream API's response broke off.",
+                    outcome="upstream_broken",
+                )
+            return
+        if self.outcome == "ok":
+            if kind is not None:
+                self.outcome = "upstream_malformed"
+                log.warn("Upstream sent a malformed response body: {defect}", defect=kind)
+            else:
+                self.outcome = "upstream_broken"
+                log.warn("Upstream stream broke: {error_type}", error_type=_failure_kind(reason))
+        # The agent must see the answer as incomplete, not as ended.
+        self.agent_transport.abortConnection()
+        self._finish_audit(usage=pump.usage(), nbytes=pump.bytes)
+
+    def _drop_copied_headers(self) -> None:
+        headers = self.request.responseHeaders
+        for name in self._copied_headers:
+            headers.removeHeader(name)
+        self._copied_headers = []
 
     # -- endings ----------------------------------------------------------------
 
@@ -404,15 +521,26 @@ class Exchange:
 
     def _internal_failure(self, failure: Failure) -> None:
         log.failure("Unexpected failure while forwarding", failure=failure)
-        if not self.gone and not self.done and not self.request.startedWriting:
+        if self.gone or self.done:
+            return
+        if not self.request.startedWriting:
             self.answer_error(
                 ErrorKind.API, "credproxy failed to forward the request.", outcome="internal"
             )
+            return
+        # Part of an answer went out: it cannot be taken back, only cut off.
+        self.outcome = "internal"
+        if self._pump is not None:
+            self._pump.stop()
+        self.agent_transport.abortConnection()
+        self._finish_audit()
 
     def _agent_gone(self, failure: Failure) -> None:
         self.gone = True
         if self.outcome == "ok":
             self.outcome = "agent_gone"
+        if self._slot_wait is not None:
+            self._slot_wait.cancel()  # out of the queue at once
         if self._upstream is not None and self._awaiting_headers:
             self._upstream.cancel()  # before the headers: the request is abandoned
         if self._pump is not None:
@@ -429,10 +557,16 @@ class Exchange:
             self.outcome = "shutdown"
         self.agent_transport.abortConnection()
 
+    def _release_slot(self) -> None:
+        if self._slot_held:
+            self._slot_held = False
+            self._context.slots.release()
+
     def _finish_audit(self, usage: Any = None, nbytes: int = 0) -> None:
         if self.done:
             return
         self.done = True
+        self._release_slot()
         request = self.request
         outcome = self.outcome
         if self._replayed and outcome == "ok":

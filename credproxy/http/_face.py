@@ -18,6 +18,7 @@ from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._resource import ProxyResource
 from credproxy.http._site import ProxySite
+from credproxy.http._upstream import ScreenedConnectionPool
 
 # Agents keep several streams open at once; Twisted's default of 2 persistent
 # connections per host would close every connection beyond two after each answer.
@@ -33,7 +34,12 @@ class HTTPFaceConfigError(ValueError):
 
 
 def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPConnectionPool]:
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """
+    The upstream client: Twisted's Agent over a pool whose connections
+    screen every response head (L{ScreenedConnectionPool}), verifying TLS,
+    following no redirect, adding no header of its own.
+    """
+    pool = ScreenedConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     agent = Agent(
@@ -59,7 +65,7 @@ def build_proxy_site(
     pool: HTTPConnectionPool | None = None
     if agent is None:
         agent, pool = _default_agent(reactor, config)
-    site = ProxySite(ProxyResource(reactor, config, credentials, agent), reactor, config.max_body)
+    site = ProxySite(ProxyResource(reactor, config, credentials, agent), reactor)
     site.pool = pool
     return site
 

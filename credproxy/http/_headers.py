@@ -5,11 +5,13 @@ is put on a request. Every header set is defined here once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from twisted.web.http_headers import Headers
 
 from credproxy.broker.credentials import CredentialKind, UpstreamCredential
+from credproxy.http._upstream_head import connection_options
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the obsolete Proxy-Connection.
 HOP_BY_HOP = frozenset(
@@ -42,18 +44,19 @@ OAUTH_BETA_FLAG = b"oauth-2025-04-20"
 
 
 def _connection_named(headers: Headers) -> frozenset[bytes]:
-    named: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        named.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return frozenset(named)
+    """
+    The headers named by C{headers}' own Connection header (RFC 9110 7.6.1),
+    read by the same rule the upstream response screen applies to raw heads.
+    """
+    return connection_options(headers.getRawHeaders(b"connection", []))
 
 
 def _forwardable(
-    headers: Headers, excluded: frozenset[bytes]
+    headers: Headers, excluded: frozenset[bytes], *, underscores: bool = True
 ) -> Iterable[tuple[bytes, list[bytes]]]:
     skip = HOP_BY_HOP | excluded | _connection_named(headers)
     for name, values in headers.getAllRawHeaders():
-        if name.lower() not in skip:
+        if name.lower() not in skip and (underscores or b"_" not in name):
             yield name, list(values)
 
 
@@ -77,9 +80,16 @@ def upstream_request_headers(incoming: Headers, credential: UpstreamCredential) 
     """
     The headers to send upstream: the agent's, less hop-by-hop and credential
     headers, with exactly one real credential and an identity encoding.
+
+    A name with an underscore is never forwarded, whatever its value: some
+    servers and gateways read C{x_api_key} as C{x-api-key} (CGI-style
+    mapping), so a look-alike could carry a second credential past the
+    rules above that name the real headers.
     """
     outgoing = Headers()
-    for name, values in _forwardable(incoming, CREDENTIAL_HEADERS | REQUEST_HEADERS_SET_BY_US):
+    for name, values in _forwardable(
+        incoming, CREDENTIAL_HEADERS | REQUEST_HEADERS_SET_BY_US, underscores=False
+    ):
         outgoing.setRawHeaders(name, values)
     secret = credential.secret.reveal().encode("utf-8")
     if credential.kind is CredentialKind.API_KEY:
@@ -94,15 +104,32 @@ def upstream_request_headers(incoming: Headers, credential: UpstreamCredential) 
     return outgoing
 
 
-def copy_response_headers(upstream: Headers, into: Headers) -> None:
+def copy_response_headers(upstream: Headers, into: Headers) -> list[bytes]:
     """
-    Copy the upstream answer's end-to-end headers onto the agent's response.
+    Copy the upstream answer's end-to-end headers onto the agent's response;
+    the names copied, so they can be taken off again.
+
+    (The lines an upstream's Connection header names are already gone from
+    an answer parsed behind the response screen, which removes them from the
+    raw head; Twisted's parser keeps Connection to itself. The rule is
+    applied here too, so any C{Headers} given is treated alike.)
     """
+    copied: list[bytes] = []
     for name, values in _forwardable(upstream, RESPONSE_HEADERS_SET_BY_US):
         into.setRawHeaders(name, values)
+        copied.append(name)
+    return copied
 
 
-def presented_placeholder(headers: Headers) -> bytes | None:
+class RawHeaders(Protocol):
+    """
+    Headers as twisted.web's L{Headers} or a judged request head gives them.
+    """
+
+    def getRawHeaders(self, name: bytes) -> Sequence[bytes] | None: ...
+
+
+def presented_placeholder(headers: RawHeaders) -> bytes | None:
     """
     What the agent sent as its key: C{x-api-key}, else a Bearer value.
     """

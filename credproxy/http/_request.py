@@ -1,40 +1,43 @@
 """
-The request body limit. twisted.web has none (twisted#4898) and spools large
-bodies to a temporary file; this request class refuses an oversized body before
+The request body's limits. twisted.web has none (twisted#4898) and spools
+large bodies to a temporary file; this request class keeps bodies in memory
+as the chunks they arrived in, refuses one over the size limit before
 reading it (by Content-Length) or as soon as the count passes the limit
-(chunked), and keeps accepted bodies in memory.
+(chunked), and holds every byte against the face's body budget.
 """
 
 from __future__ import annotations
 
-from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableDescriptor
-from twisted.logger import Logger
 from twisted.web.server import Request
 
-from credproxy.http._errors import ErrorKind, raw_error_response
-from credproxy.http._exchange import agent_transport
+from credproxy.http._body import BodyBudget, RequestBody
+from credproxy.http._errors import ErrorKind
+from credproxy.http._head import HeadRefusal, RequestHead
 
 if TYPE_CHECKING:
-    from credproxy.http._site import ProxySite
+    from credproxy.http._channel import FaceGuard, ProxyChannel
 
-log = Logger(namespace="credproxy.http")
-
-# After answering 413 we stop sending and read (and drop) what the agent still
-# sends, so it sees our answer rather than a reset; this bounds how long.
-REFUSED_BODY_DRAIN_SECONDS = 5.0
+OVER_BUDGET = HeadRefusal(
+    ErrorKind.OVERLOADED,
+    "credproxy is holding as many request bodies as it may; retry shortly.",
+    "body_budget_full",
+)
 
 
 class BoundedRequest(Request):
     """
-    A request whose body may not exceed the site's C{max_body}.
+    A request of a L{ProxyChannel}: its body may not exceed C{max_body}, and
+    all bodies together may not exceed the face's budget.
     """
 
+    head: RequestHead | None = None  # as the channel's gate judged and admitted it
     _refused = False
     _received = 0
-    _body: BytesIO
+    _reserved = 0
+    _budgeted = False
+    _body: RequestBody
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Bodies are forwarded untouched. Parsing form uploads out of them
@@ -43,46 +46,75 @@ class BoundedRequest(Request):
         kwargs["parsePOSTFormSubmission"] = False
         super().__init__(*args, **kwargs)
 
-    def _site(self) -> ProxySite:
-        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
-        return site
+    def _proxy_channel(self) -> ProxyChannel:
+        channel: ProxyChannel = self.channel  # type: ignore[assignment]
+        return channel
+
+    def _guard(self) -> FaceGuard:
+        return self._proxy_channel().guard
 
     def gotLength(self, length: int | None) -> None:
-        self._body = self.content = BytesIO()
-        if length is not None and length > self._site().max_body:
-            # Otherwise twisted.web would invite the body with 100 Continue.
-            self.requestHeaders.removeHeader(b"expect")
-            self._refuse_too_large()
+        self._body = self.content = RequestBody()
+        self.head = self._proxy_channel().admitted
+        guard = self._guard()
+        if length is not None and length > guard.config.max_body:
+            self._refuse(self._too_large(guard.config.max_body))
+        elif length and not self._hold(length):
+            self._refuse(OVER_BUDGET)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
-        self._received += len(data)
-        if self._received > self._site().max_body:
-            self._refuse_too_large()
+        size = len(data)
+        self._received += size
+        guard = self._guard()
+        if self._received > guard.config.max_body:
+            self._refuse(self._too_large(guard.config.max_body))
+            return
+        if self._received > self._reserved and not self._hold(self._received - self._reserved):
+            self._refuse(OVER_BUDGET)
             return
         self._body.write(data)
 
-    def _refuse_too_large(self) -> None:
-        self._refused = True
-        self._body = self.content = BytesIO()
-        site = self._site()
-        # The request line is not parsed onto the request yet, so only the limit is named.
-        log.info("413: request body over {limit} bytes refused", limit=site.max_body)
-        transport = agent_transport(self)
-        transport.write(
-            raw_error_response(
-                ErrorKind.REQUEST_TOO_LARGE,
-                f"Request body exceeds the proxy's limit of {site.max_body} bytes.",
-            )
+    def _hold(self, size: int) -> bool:
+        """
+        Reserve C{size} more bytes of the budget, given back when this
+        request is done, however it ends.
+        """
+        budget = self._guard().budget
+        if not budget.reserve(size):
+            return False
+        self._reserved += size
+        if not self._budgeted:
+            self._budgeted = True
+            # Kept here: twisted.web forgets the channel before it says a
+            # request is finished because its connection was lost.
+            self.notifyFinish().addBoth(self._give_back, budget)
+        return True
+
+    def _give_back(self, result: object, budget: BodyBudget) -> None:
+        reserved, self._reserved = self._reserved, 0
+        budget.release(reserved)
+
+    @staticmethod
+    def _too_large(limit: int) -> HeadRefusal:
+        return HeadRefusal(
+            ErrorKind.REQUEST_TOO_LARGE,
+            f"Request body exceeds the proxy's limit of {limit} bytes.",
+            "body_too_large",
         )
-        half_closeable = IHalfCloseableDescriptor.providedBy(transport)
-        if half_closeable:
-            transport.loseWriteConnection()
-            timer = site.reactor.callLater(REFUSED_BODY_DRAIN_SECONDS, transport.abortConnection)
-            self.notifyFinish().addBoth(lambda _: timer.cancel() if timer.active() else None)
-        else:
-            transport.loseConnection()
+
+    def _refuse(self, refusal: HeadRefusal) -> None:
+        self._refused = True
+        self._body = self.content = RequestBody()  # nothing of a refused body is kept
+        # Otherwise twisted.web would invite the body with 100 Continue.
+        self.requestHeaders.removeHeader(b"expect")
+        head = self.head
+        self._proxy_channel().refuse(
+            refusal,
+            method=head.method if head is not None else b"-",
+            path=head.path if head is not None else b"-",
+        )
 
     def process(self) -> None:
         if not self._refused:

@@ -15,16 +15,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from credproxy._listen import peer_credentials
 from credproxy.broker.credentials import ICredentialSource
-from credproxy.http._audit import audit
+from credproxy.http._admission import SHUTTING_DOWN, admission_refusal
+from credproxy.http._audit import RefusalAudit
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._errors import ErrorKind, error_body
 from credproxy.http._exchange import Exchange, ExchangeContext
+from credproxy.http._head import BAD_TARGET, HeadRefusal, valid_target
 from credproxy.http._headers import presented_placeholder
 
 log = Logger(namespace="credproxy.http")
-
-FORWARDED_PATHS = frozenset({b"/v1/messages", b"/v1/messages/count_tokens"})
-FORWARDED_METHOD = b"POST"
 
 
 class ProxyResource(Resource):
@@ -51,56 +50,51 @@ class ProxyResource(Resource):
         self._active: set[Exchange] = set()
         self._draining = False
         self._drained: list[Deferred[None]] = []
+        self._refusals = RefusalAudit(reactor)
 
     def render(self, request: Request) -> bytes | int:
         started = self.reactor.seconds()
-        if request.path not in FORWARDED_PATHS:
-            return self._refuse(
-                request,
-                started,
-                ErrorKind.NOT_FOUND,
-                "Not found: credproxy "
-                "forwards only POST /v1/messages and /v1/messages/count_tokens.",
+        if getattr(request, "head", None) is None:
+            # Not admitted by a ProxyChannel's gate (this resource is served
+            # by a site of the embedder's own): admission happens here, late.
+            if not valid_target(request.uri):
+                return self._refuse(request, started, BAD_TARGET)
+            peer = peer_credentials(request.channel.transport)
+            refusal = admission_refusal(
+                self.config,
+                request.method,
+                request.path,
+                peer.uid if peer is not None else None,
+                presented_placeholder(request.requestHeaders),
             )
-        if request.method != FORWARDED_METHOD:
-            request.setHeader(b"allow", FORWARDED_METHOD)
-            return self._refuse(
-                request, started, ErrorKind.METHOD_NOT_ALLOWED, "Method not allowed: use POST."
-            )
-        peer = peer_credentials(request.channel.transport)
-        if peer is not None and not self.config.serves_uid(peer.uid):
-            log.warn("Refused Unix peer uid={uid} pid={pid}", uid=peer.uid, pid=peer.pid)
-            request.setHeader(b"connection", b"close")
-            return self._refuse(
-                request, started, ErrorKind.PERMISSION, "This user may not use credproxy."
-            )
-        token = self.config.capability_token
-        if token is not None and not token.matches(presented_placeholder(request.requestHeaders)):
-            return self._refuse(
-                request, started, ErrorKind.AUTHENTICATION, "Invalid or missing capability token."
-            )
+            if refusal is not None:
+                return self._refuse(request, started, refusal)
         if self._draining:
-            return self._refuse(request, started, ErrorKind.API, "credproxy is shutting down.")
+            return self._refuse(request, started, SHUTTING_DOWN)
         exchange = Exchange(self._context, request, started)
         self._active.add(exchange)
         exchange.when_done(self._exchange_done)
         exchange.start()
         return NOT_DONE_YET
 
-    def _refuse(self, request: Request, started: float, kind: ErrorKind, message: str) -> bytes:
-        body = error_body(kind, message)
+    def _refuse(self, request: Request, started: float, refusal: HeadRefusal) -> bytes:
+        kind = refusal.kind
+        body = error_body(kind, refusal.message)
         request.setResponseCode(kind.status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % (len(body),))
-        audit(
+        for name, value in refusal.headers:
+            request.setHeader(name, value)
+        if kind is not ErrorKind.API:
+            # A refused agent gets no second request on this connection.
+            request.setHeader(b"connection", b"close")
+        self._refusals.refused(
             method=request.method,
             path=request.path,
             status=kind.status,
-            usage=None,
-            request_body=b"",
+            outcome=refusal.outcome,
             response_bytes=len(body),
-            duration=self.reactor.seconds() - started,
-            outcome="refused",
+            started=started,
         )
         return body
 

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
+from credproxy.http._channel import FaceGuard, ProxyChannel
 from credproxy.http._request import BoundedRequest
 from credproxy.http._resource import ProxyResource
 
@@ -21,16 +22,20 @@ CONNECTION_IDLE_TIMEOUT = 300.0
 
 class ProxySite(Site):
     """
-    Serves L{ProxyResource}; one site may listen on several endpoints.
+    Serves L{ProxyResource}; one site may listen on several endpoints, and
+    they share one L{FaceGuard} (connection slots, body budget). Its
+    channels are L{ProxyChannel}s, without twisted.web's HTTP/2-negotiating
+    wrapper: the agent side speaks plain HTTP/1.1.
     """
 
+    protocol = ProxyChannel  # type: ignore[assignment]
     requestFactory = BoundedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: ProxyResource, reactor: Any, max_body: int) -> None:
+    def __init__(self, resource: ProxyResource, reactor: Any) -> None:
         super().__init__(resource, reactor=reactor, timeout=CONNECTION_IDLE_TIMEOUT)
         self.proxy = resource
-        self.max_body = max_body
+        self.guard = FaceGuard.for_config(resource.config, reactor)
         self.pool: HTTPConnectionPool | None = None  # the upstream pool this site owns, if any
 
     def log(self, request: Any) -> None:

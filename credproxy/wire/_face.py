@@ -13,10 +13,12 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from credproxy._limits import ConnectionLimits
 from credproxy._listen import ListeningService, is_unix_description
 from credproxy._secret import Secret
 from credproxy.broker import Broker
-from credproxy.wire._server import CredentialServerFactory
+from credproxy.wire._server import DEFAULT_LIMITS, CredentialServerFactory
+from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 
 class RPCFaceConfigError(ValueError):
@@ -34,6 +36,11 @@ class RPCFace(MultiService):
     connection is a host connection, so only Unix sockets (which the kernel
     restricts to our uid and C{allowed_uids}) are allowed.
 
+    C{limits} bounds the handshaken connections of the face (all endpoints
+    together) and of each peer; C{max_pending_handshakes} those still
+    handshaking, which never take a handshaken one's slot. Past a limit a
+    connection is answered C{RESOURCE_EXHAUSTED} and closed at once.
+
     Stopping refuses new connections, sends EOF to every open one (hard
     close after 3 s if a peer does not read), and only then stops listening,
     which removes the socket file.
@@ -47,6 +54,8 @@ class RPCFace(MultiService):
         capability_token: Secret | None = None,
         *,
         allowed_uids: frozenset[int] = frozenset(),
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
         super().__init__()
         for endpoint in endpoints:
@@ -60,6 +69,8 @@ class RPCFace(MultiService):
             broker,
             capability_token,
             allowed_uids=allowed_uids or frozenset({os.getuid()}),
+            limits=limits,
+            max_pending_handshakes=max_pending_handshakes,
         )
         for endpoint in endpoints:
             ListeningService(reactor, endpoint, self.factory).setServiceParent(self)
@@ -71,6 +82,9 @@ class RPCFace(MultiService):
     async def _stop(self) -> None:
         await self.factory.end_connections()
         await super().stopService()
+        # Connections refused while the listeners were closing may owe a
+        # count of suppressed refusal lines: write it, leave no timer behind.
+        self.factory.refusals.stop()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -85,3 +85,13 @@ def _refused(code: ErrorCode, error: str) -> dict[str, Any]:
 
 UNSUPPORTED_VERSION = _refused(ErrorCode.UNKNOWN_VERSION, Message.UNSUPPORTED_VERSION)
 BAD_CAPABILITY_TOKEN = _refused(ErrorCode.UNAUTHORIZED, Message.BAD_CAPABILITY_TOKEN)
+# Refusals for want of a slot, written the moment the connection is accepted
+# (or in answer to its handshake): the protocol's own handshake shape, so a
+# client reports the code and text instead of a bare EOF.
+TOO_MANY_CONNECTIONS = _refused(ErrorCode.RESOURCE_EXHAUSTED, Message.TOO_MANY_CONNECTIONS)
+TOO_MANY_PEER_CONNECTIONS = _refused(
+    ErrorCode.RESOURCE_EXHAUSTED, Message.TOO_MANY_PEER_CONNECTIONS
+)
+TOO_MANY_PENDING_HANDSHAKES = _refused(
+    ErrorCode.RESOURCE_EXHAUSTED, Message.TOO_MANY_PENDING_HANDSHAKES
+)

@@ -6,13 +6,21 @@ stores, the capability token, the set of live connections for shutdown).
 
 What each op does lives in L{credproxy.wire._ops}; the protocol only decides
 whether and when an op runs, and turns its outcome into exactly one frame.
+
+Connection slots (L{credproxy._limits}): a connection counts in the small
+pending pool until its handshake succeeds and only then takes one of the
+face's slots, so connections that never handshake cannot crowd out the ones
+that did. Past a limit a connection is answered with a handshake-shaped
+C{RESOURCE_EXHAUSTED} frame and closed at once, never silently dropped.
 """
 
 from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -30,6 +38,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from credproxy._limits import ConnectionLimits, ConnectionSlots, SlotRefusal, peer_key
 from credproxy._listen import peer_credentials
 from credproxy._secret import Secret
 from credproxy.broker import Broker
@@ -56,11 +65,12 @@ from credproxy.wire._spec import (
     CONNECTION_IDLE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
     HEADER_SIZE,
-    MAX_CONNECTIONS,
     MAX_FRAME_V1,
     MAX_FRAME_V2,
     MAX_FRAMES_PER_READ,
     MAX_IN_FLIGHT,
+    MAX_LINGERING_REFUSALS,
+    MAX_PENDING_HANDSHAKES,
     PARTIAL_FRAME_TIMEOUT,
     REJECTED_HANDSHAKE_CLOSE_DELAY,
     REQUEST_HANDLING_TIMEOUT,
@@ -71,10 +81,8 @@ from credproxy.wire._spec import (
 
 log = Logger()
 
-_REFUSAL_FRAMES: Final = {
-    ErrorCode.UNKNOWN_VERSION: encode_json(_handshake.UNSUPPORTED_VERSION),
-    ErrorCode.UNAUTHORIZED: encode_json(_handshake.BAD_CAPABILITY_TOKEN),
-}
+# The slot limits of a face unless told otherwise: 1024 connections, 256 per peer.
+DEFAULT_LIMITS: Final = ConnectionLimits()
 
 
 class _StreamTransport(ITCPTransport, IConsumer, IPushProducer):
@@ -82,6 +90,17 @@ class _StreamTransport(ITCPTransport, IConsumer, IPushProducer):
     What Unix and TCP stream transports both are: abortable, half-closeable,
     a consumer of our answers and a producer of the client's requests.
     """
+
+
+class _Slot(enum.Enum):
+    """
+    What a connection holds of its factory's counts; it holds one at most.
+    """
+
+    NONE = "none"  # nothing (not yet admitted, refused, or given back)
+    PENDING = "pending"  # a place in the pending-handshake pool
+    FACE = "face"  # a slot of the face (and of its peer), after a handshake
+    LINGERING = "lingering"  # refused, waiting for its peer to read the refusal
 
 
 class _State(enum.Enum):
@@ -106,6 +125,50 @@ class CloseReason:
     REJECTED: Final = "rejected_handshake"
     SHUTDOWN: Final = "shutdown"
     PEER_UID: Final = "peer_uid"
+    # refusals for want of a slot (and the close reason of their connection)
+    FACE_FULL: Final = SlotRefusal.FACE_FULL
+    PEER_FULL: Final = SlotRefusal.PEER_FULL
+    PENDING_FULL: Final = "too_many_pending_handshakes"
+    STOPPING: Final = "stopping"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """
+    A handshake-shaped refusal: C{kind} is the audit line's C{reason} (and
+    the flood gate's kind), C{close_reason} the C{closed} line's, C{body}
+    the encoded reply frame's body.
+    """
+
+    kind: str
+    code: ErrorCode
+    close_reason: str
+    body: bytes
+
+
+def _refusal(kind: str, close_reason: str, reply: Mapping[str, Any]) -> Refusal:
+    return Refusal(kind, ErrorCode(reply["code"]), close_reason, encode_json(reply))
+
+
+UNKNOWN_VERSION_REFUSAL: Final = _refusal(
+    "unknown_version", CloseReason.REJECTED, _handshake.UNSUPPORTED_VERSION
+)
+BAD_TOKEN_REFUSAL: Final = _refusal(
+    "bad_capability_token", CloseReason.REJECTED, _handshake.BAD_CAPABILITY_TOKEN
+)
+FACE_FULL_REFUSAL: Final = _refusal(
+    CloseReason.FACE_FULL, CloseReason.FACE_FULL, _handshake.TOO_MANY_CONNECTIONS
+)
+PEER_FULL_REFUSAL: Final = _refusal(
+    CloseReason.PEER_FULL, CloseReason.PEER_FULL, _handshake.TOO_MANY_PEER_CONNECTIONS
+)
+PENDING_FULL_REFUSAL: Final = _refusal(
+    CloseReason.PENDING_FULL, CloseReason.PENDING_FULL, _handshake.TOO_MANY_PENDING_HANDSHAKES
+)
+_SLOT_REFUSALS: Final = {
+    SlotRefusal.FACE_FULL: FACE_FULL_REFUSAL,
+    SlotRefusal.PEER_FULL: PEER_FULL_REFUSAL,
+}
 
 
 def _echoed_id(value: object) -> str:
@@ -162,9 +225,11 @@ class CredentialServerProtocol(Int32StringReceiver):
     nothing. The protocol is its transport's producer: while the client does
     not read its answers, it stops reading new requests.
 
-    Timers (all from the factory's reactor): the partial-frame deadline
-    (from the moment a frame's header is in, not moved by further bytes);
-    one handling deadline per op; and the idle/handshake deadline, checked
+    Timers (all from the factory's reactor): the handshake deadline, from
+    the moment of connecting, which no byte received moves (trickling the
+    length prefix cannot stretch it); the partial-frame deadline (from the
+    moment a frame's header is in, not moved by further bytes); one handling
+    deadline per op; and, after the handshake, the idle deadline, checked
     lazily against the time of the last activity so a busy connection does
     not pay for rescheduling on every read.
     """
@@ -183,10 +248,16 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._frames: list[bytes] = []  # bodies of the current read, to act on after it
         self._frames_this_read = 0
         self._partial_timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._hard_close: IDelayedCall | None = None
         self._last_activity = 0.0
         self._close_reason: str | None = None
+        self._announced = False  # a "connected" line was written, so a "closed" one is owed
+        # Who the peer is for counting (L{peer_key}), and what it holds.
+        self.peer: Hashable | None = None
+        self.peer_uid: int | None = None
+        self.slot = _Slot.NONE
 
     def __repr__(self) -> str:
         return f"<CredentialServerProtocol #{self.number} {self._state.value}>"
@@ -203,34 +274,53 @@ class CredentialServerProtocol(Int32StringReceiver):
     # -- connection lifecycle -----------------------------------------------
 
     def connectionMade(self) -> None:
-        self.factory.connection_made(self)
-        peer = peer_credentials(self.transport)
-        _audit.connection_event(
-            self.number, "connected", peer_uid=peer.uid if peer is not None else None
-        )
-        if peer is not None and not self.factory.serves_uid(peer.uid):
+        factory = self.factory
+        factory.connection_made(self)
+        credentials = peer_credentials(self.transport)
+        self.peer_uid = credentials.uid if credentials is not None else None
+        if credentials is not None and not factory.serves_uid(credentials.uid):
+            # Another uid learns nothing, not even why: closed without a reply.
+            factory.refusals.refused(self.number, CloseReason.PEER_UID, peer_uid=self.peer_uid)
             self._close_reason = CloseReason.PEER_UID
             self._state = _State.CLOSING
             self._transport.loseConnection()
             return
+        self.peer = peer_key(self.transport)
+        refusal = factory.admit(self)
+        if refusal is not None:
+            # A refused connection writes only its (flood-gated) refusal line:
+            # no connected/closed pair, so a connection flood stays a trickle.
+            self._refuse_connection(refusal)
+            return
+        self._announced = True
+        _audit.connection_event(self.number, "connected", peer_uid=self.peer_uid)
         self._transport.registerProducer(self, True)
-        self._last_activity = self._clock.seconds()
-        self._idle_timer = self._clock.callLater(HANDSHAKE_TIMEOUT, self._check_idle)
+        self._handshake_timer = self._clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._state = _State.CLOSED
         self._unprocessed = b""
-        for timer in (self._partial_timer, self._idle_timer, self._hard_close):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._partial_timer = self._idle_timer = self._hard_close = None
+        self._cancel_timers()
+        if self._hard_close is not None and self._hard_close.active():
+            self._hard_close.cancel()
+        self._hard_close = None
         pending, self._in_flight = self._in_flight, {}
         for entry in pending.values():
             self._abandon(entry, Status.CANCELLED)
-        _audit.connection_event(
-            self.number, "closed", reason=self._close_reason or "peer", abandoned=len(pending)
-        )
+        if self._announced:
+            _audit.connection_event(
+                self.number, "closed", reason=self._close_reason or "peer", abandoned=len(pending)
+            )
         self.factory.connection_lost(self)
+
+    def _cancel_timers(self) -> None:
+        """
+        Cancel the deadlines of a live connection (not the hard close).
+        """
+        for timer in (self._partial_timer, self._handshake_timer, self._idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._partial_timer = self._handshake_timer = self._idle_timer = None
 
     def end(self) -> None:
         """
@@ -243,6 +333,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         if self._state is not _State.REJECTED:
             self._close_reason = self._close_reason or CloseReason.SHUTDOWN
         self._state = _State.CLOSING
+        self._cancel_timers()
         pending, self._in_flight = self._in_flight, {}
         for entry in pending.values():
             self._abandon(entry, Status.CANCELLED)
@@ -292,10 +383,13 @@ class CredentialServerProtocol(Int32StringReceiver):
         frames, self._frames = self._frames, []
         for body in frames:
             if self._state is not _State.OPEN:
-                return
+                break
             self._request(body)
         if self._state is _State.HANDSHAKE or self._state is _State.OPEN:
             self._watch_partial_frame()
+        else:
+            # Refused during this read: keep nothing of what followed.
+            self._unprocessed = b""
 
     def stringReceived(self, body: bytes) -> None:
         if self._state is not _State.HANDSHAKE and self._state is not _State.OPEN:
@@ -334,21 +428,37 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._partial_timer = None
         self._abort(CloseReason.PARTIAL_FRAME_TIMEOUT)
 
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self._state is _State.HANDSHAKE:
+            self._close(CloseReason.HANDSHAKE_TIMEOUT)
+
     def _check_idle(self) -> None:
         self._idle_timer = None
-        if self._state is not _State.HANDSHAKE and self._state is not _State.OPEN:
+        if self._state is not _State.OPEN:
             return
-        handshaking = self._state is _State.HANDSHAKE
-        limit = HANDSHAKE_TIMEOUT if handshaking else CONNECTION_IDLE_TIMEOUT
+        limit = CONNECTION_IDLE_TIMEOUT
         remaining = self._last_activity + limit - self._clock.seconds()
         if self._in_flight or remaining > 0:
             self._idle_timer = self._clock.callLater(
                 remaining if remaining > 0 else limit, self._check_idle
             )
             return
-        self._close_reason = CloseReason.HANDSHAKE_TIMEOUT if handshaking else CloseReason.IDLE
+        self._close(CloseReason.IDLE)
+
+    def _close(self, reason: str) -> None:
+        """
+        Send EOF for a deadline missed, and hard-close after
+        L{SHUTDOWN_HARD_CLOSE_DELAY} if answers still wait for a peer that
+        does not read them (else the connection, and its slot, would wait
+        for that peer forever).
+        """
+        self._close_reason = reason
         self._state = _State.CLOSING
+        self._cancel_timers()
         self._transport.loseConnection()
+        if self._hard_close is None:
+            self._hard_close = self._clock.callLater(SHUTDOWN_HARD_CLOSE_DELAY, self._abort_now)
 
     # -- handshake ------------------------------------------------------------
 
@@ -360,36 +470,61 @@ class CredentialServerProtocol(Int32StringReceiver):
             return
         version = _handshake.negotiate_version(message)
         if version is None:
-            self._reject(ErrorCode.UNKNOWN_VERSION)
+            self._refuse_connection(UNKNOWN_VERSION_REFUSAL)
             return
         required = self.factory.capability_token
         if required is not None and not _handshake.presents_token(message, required):
-            self._reject(ErrorCode.UNAUTHORIZED)
+            self._refuse_connection(BAD_TOKEN_REFUSAL)
+            return
+        refusal = self.factory.promote(self)
+        if refusal is not None:
+            self._refuse_connection(refusal)
             return
         self.version = version
         self.sandbox = required is not None
         self.MAX_LENGTH = max_body(version)
         self._context = self.factory.context(self.sandbox, self)
         self._state = _State.OPEN
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self._last_activity = self._clock.seconds()
+        self._idle_timer = self._clock.callLater(CONNECTION_IDLE_TIMEOUT, self._check_idle)
         self._transport.write(frame(encode_json(_handshake.accepted(version))))
         _audit.connection_event(self.number, "handshake", version=version, sandbox=self.sandbox)
 
-    def _reject(self, code: ErrorCode) -> None:
+    def evict(self) -> None:
         """
-        Refuse the handshake so the client can read why: the error frame,
-        then a half-close, then a hard close if the peer never reads it.
+        Refuse this still-handshaking connection to make room in a full
+        pending pool (L{CredentialServerFactory.admit}).
+        """
+        if self._state is _State.HANDSHAKE:
+            self._refuse_connection(PENDING_FULL_REFUSAL)
+
+    def _refuse_connection(self, refusal: Refusal) -> None:
+        """
+        Refuse the connection so the client can read why: the refusal frame,
+        then a half-close, then a hard close after
+        L{REJECTED_HANDSHAKE_CLOSE_DELAY} if the peer never closes. What the
+        connection held is given back now; while it lingers it counts among
+        at most L{MAX_LINGERING_REFUSALS}, and past those it is closed as
+        soon as the frame is out, without waiting for the peer.
         """
         self._state = _State.REJECTED
-        self._close_reason = CloseReason.REJECTED
+        self._close_reason = refusal.close_reason
         self._unprocessed = b""
         self._frames = []
-        self._transport.write(frame(_REFUSAL_FRAMES[code]))
-        _audit.connection_event(self.number, "refused", code=code.value)
-        if IHalfCloseableDescriptor.providedBy(self._transport):
+        self._cancel_timers()
+        self._transport.write(frame(refusal.body))
+        lingers = self.factory.refused(self, refusal)
+        if lingers and IHalfCloseableDescriptor.providedBy(self._transport):
             self._transport.loseWriteConnection()
         else:
             self._transport.loseConnection()
-        self._hard_close = self._clock.callLater(REJECTED_HANDSHAKE_CLOSE_DELAY, self._abort_now)
+        if self._hard_close is None:
+            self._hard_close = self._clock.callLater(
+                REJECTED_HANDSHAKE_CLOSE_DELAY, self._abort_now
+            )
 
     # -- requests -------------------------------------------------------------
 
@@ -566,8 +701,17 @@ class CredentialServerFactory(Factory):
     """
     What every connection of one credential socket shares: the broker, the
     capability token (connections that present it are sandbox connections),
-    the Unix peers allowed in, and the live connections, so a shutdown can
-    end them all before the socket file goes away.
+    the Unix peers allowed in, the connection counts, the refusal log, and
+    the live connections, so a shutdown can end them all before the socket
+    file goes away.
+
+    Counting: a new connection takes a place in the pending pool
+    (C{max_pending_handshakes}); a successful handshake trades it for one of
+    the face's slots (C{limits}: in all, and per peer, a peer being the uid
+    on a Unix socket and the address on TCP). Every path out (a refused
+    handshake, a timeout, an abort, a close) gives back exactly what was
+    taken. A refused connection holds no slot while it waits to close, only
+    a place among L{MAX_LINGERING_REFUSALS}.
     """
 
     protocol = CredentialServerProtocol
@@ -579,27 +723,51 @@ class CredentialServerFactory(Factory):
         capability_token: Secret | None = None,
         *,
         allowed_uids: frozenset[int] = frozenset(),
-        max_connections: int = MAX_CONNECTIONS,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     ) -> None:
+        if max_pending_handshakes < 1:
+            raise ValueError("max_pending_handshakes must be at least 1")
         self.reactor = reactor
         self.broker = broker
         self.capability_token = capability_token
         self.allowed_uids = allowed_uids
-        self.max_connections = max_connections
+        self.limits = limits
+        self.max_pending_handshakes = max_pending_handshakes
+        self.slots = ConnectionSlots(limits)
+        self.refusals = _audit.RefusalLog(reactor)
         self.accepting = True
         self._connections: set[CredentialServerProtocol] = set()
+        # Insertion-ordered, so the first of a peer's is its oldest.
+        self._pending: dict[CredentialServerProtocol, None] = {}
+        self._lingering: set[CredentialServerProtocol] = set()
         self._numbered = 0
         self._all_gone: list[Deferred[None]] = []
 
     def __repr__(self) -> str:
         return (
             f"<CredentialServerFactory connections={len(self._connections)} "
+            f"handshaken={self.slots.total} pending={len(self._pending)} "
             f"capability_token={'set' if self.capability_token is not None else 'none'}>"
         )
 
     @property
     def connections(self) -> frozenset[CredentialServerProtocol]:
         return frozenset(self._connections)
+
+    @property
+    def pending_handshakes(self) -> int:
+        """
+        Connections holding a place in the pending pool.
+        """
+        return len(self._pending)
+
+    @property
+    def lingering_refusals(self) -> int:
+        """
+        Refused connections waiting for their peer to read the refusal.
+        """
+        return len(self._lingering)
 
     def serves_uid(self, uid: int) -> bool:
         """
@@ -611,18 +779,95 @@ class CredentialServerFactory(Factory):
         return OpContext(self.broker, sandbox, connection)
 
     def buildProtocol(self, addr: object) -> CredentialServerProtocol | None:
-        if not self.accepting or len(self._connections) >= self.max_connections:
-            _audit.connection_event(
-                0, "refused", reason="stopping" if not self.accepting else "too_many_connections"
-            )
+        # Slots are decided in connectionMade, where the transport (and so
+        # the peer's uid) is known; only a stopping server refuses here.
+        if not self.accepting:
+            self.refusals.refused(0, CloseReason.STOPPING)
             return None
         self._numbered += 1
         return CredentialServerProtocol(self, self._numbered)
+
+    # -- counting -------------------------------------------------------------
+
+    def admit(self, connection: CredentialServerProtocol) -> Refusal | None:
+        """
+        Give a new connection a place in the pending pool, or the refusal
+        to answer it with when the face, or its peer, is full already (it
+        could never get a slot). A full pending pool makes room instead, by
+        refusing the oldest pending connection of the peer holding most of
+        them: a client handshakes within a round trip of connecting, so a
+        pool filled by silent connections cannot keep it out, and a peer
+        flooding the pool evicts its own connections first.
+        """
+        if self.slots.total >= self.limits.max_connections:
+            return FACE_FULL_REFUSAL
+        if self.slots.held_by(connection.peer) >= self.limits.max_per_peer:
+            return PEER_FULL_REFUSAL
+        while len(self._pending) >= self.max_pending_handshakes:
+            self._evict_one()
+        self._pending[connection] = None
+        connection.slot = _Slot.PENDING
+        return None
+
+    def _evict_one(self) -> None:
+        held = Counter(pending.peer for pending in self._pending)
+        heaviest = max(held, key=held.__getitem__)  # on a tie, the peer of the oldest
+        victim = next(pending for pending in self._pending if pending.peer == heaviest)
+        victim.evict()
+        # evict() gave its place back, unless it was already closing (a
+        # deadline missed, an abort) and keeping it until it is gone: its
+        # descriptor goes within a reactor turn, so let the newcomer have it.
+        if self._pending.pop(victim, None) is not None:
+            victim.slot = _Slot.NONE
+
+    def promote(self, connection: CredentialServerProtocol) -> Refusal | None:
+        """
+        Trade a connection's pending place for a slot of the face once its
+        handshake succeeded, or say why there is none (its place is given
+        back either way).
+        """
+        self._give_back(connection)
+        refusal = self.slots.take(connection.peer)
+        if refusal is not None:
+            return _SLOT_REFUSALS[refusal]
+        connection.slot = _Slot.FACE
+        return None
+
+    def refused(self, connection: CredentialServerProtocol, refusal: Refusal) -> bool:
+        """
+        Log a refusal (flood-gated) and give back what the connection held.
+        True when it may wait for its peer to read the refusal (it then
+        counts among the lingering ones), False when it must close now.
+        """
+        self.refusals.refused(
+            connection.number,
+            refusal.kind,
+            code=refusal.code.value,
+            peer_uid=connection.peer_uid,
+        )
+        self._give_back(connection)
+        if len(self._lingering) >= MAX_LINGERING_REFUSALS:
+            return False
+        self._lingering.add(connection)
+        connection.slot = _Slot.LINGERING
+        return True
+
+    def _give_back(self, connection: CredentialServerProtocol) -> None:
+        slot, connection.slot = connection.slot, _Slot.NONE
+        if slot is _Slot.PENDING:
+            self._pending.pop(connection, None)
+        elif slot is _Slot.FACE:
+            self.slots.give_back(connection.peer)
+        elif slot is _Slot.LINGERING:
+            self._lingering.discard(connection)
+
+    # -- connections ------------------------------------------------------------
 
     def connection_made(self, connection: CredentialServerProtocol) -> None:
         self._connections.add(connection)
 
     def connection_lost(self, connection: CredentialServerProtocol) -> None:
+        self._give_back(connection)
         self._connections.discard(connection)
         self.broker.sessions.drop_owner(connection)
         if not self._connections:
@@ -633,9 +878,11 @@ class CredentialServerFactory(Factory):
     def end_connections(self) -> Deferred[None]:
         """
         Stop accepting and end every connection (EOF now, a hard close after
-        L{SHUTDOWN_HARD_CLOSE_DELAY}); fires once all of them are gone.
+        L{SHUTDOWN_HARD_CLOSE_DELAY}); fires once all of them are gone. The
+        refusal counts still owed are written now.
         """
         self.accepting = False
+        self.refusals.stop()
         if not self._connections:
             return succeed(None)
         gone: Deferred[None] = Deferred()

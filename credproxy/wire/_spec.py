@@ -31,10 +31,28 @@ CONNECTION_IDLE_TIMEOUT: Final = 600.0
 # refresh on one provider call); one still running after this is stuck, and
 # gives its in-flight slot back with an error rather than holding it.
 REQUEST_HANDLING_TIMEOUT: Final = 120.0
-# Connections one server keeps at once. Each may buffer one partial frame of
-# up to MAX_FRAME_V2 for PARTIAL_FRAME_TIMEOUT, so this bounds that memory
-# (256 x 4 MiB) while leaving room for many sandboxes at once.
-MAX_CONNECTIONS: Final = 256
+# Connection slots come from credproxy._limits.ConnectionLimits (1024 per
+# face, 256 per peer by default), and only a connection whose handshake
+# succeeded holds one. Connections still handshaking draw from a pool of
+# their own, so unauthenticated ones never take an authenticated one's slot.
+# A client sends its handshake the moment it connects, so 32 at once covers a
+# crowd of sandboxes starting together; when the pool is full the oldest
+# pending connection of the peer holding most of them is refused to make
+# room, so a silent flood cannot lock out a client that handshakes at once.
+#
+# The memory that partial frames can pin is now bounded by: pending
+# connections x MAX_FRAME_V1 (32 x 64 KiB = 2 MiB, for at most
+# HANDSHAKE_TIMEOUT) plus handshaken connections x MAX_FRAME_V2 (at most
+# max_per_peer x 4 MiB = 1 GiB for one peer, max_connections x 4 MiB = 4 GiB
+# for the whole face, each for at most PARTIAL_FRAME_TIMEOUT). Refused
+# connections buffer nothing: their input is dropped.
+MAX_PENDING_HANDSHAKES: Final = 32
+# Refused connections that may wait at once for their peer to read the
+# refusal (half-closed, then hard-closed after REJECTED_HANDSHAKE_CLOSE_DELAY).
+# They hold no slot, but each holds a descriptor, so their number is bounded
+# here; beyond it a refusal is written and the connection closed as soon as
+# the frame (about 100 bytes, which a new socket's buffer always takes) is out.
+MAX_LINGERING_REFUSALS: Final = 64
 
 # -- client timers (seconds) ---------------------------------------------------
 CLIENT_REQUEST_TIMEOUT: Final = 30.0
@@ -109,6 +127,10 @@ class Message:
     MISSING_ID_OR_OP: Final = "Missing request id or op"
     DUPLICATE_ID: Final = "Duplicate request id"
     TOO_MANY_IN_FLIGHT: Final = "Too many concurrent requests"
+    # handshake refusals for want of a connection slot (RESOURCE_EXHAUSTED)
+    TOO_MANY_CONNECTIONS: Final = "Too many connections"
+    TOO_MANY_PEER_CONNECTIONS: Final = "Too many connections from this peer"
+    TOO_MANY_PENDING_HANDSHAKES: Final = "Too many connections waiting for a handshake"
     UNKNOWN_OP_PREFIX: Final = "Unknown operation: "
     ACCESS_DENIED: Final = "Access denied"
     CANCELLED: Final = "Operation cancelled"

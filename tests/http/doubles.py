@@ -16,7 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -77,6 +77,14 @@ class FakeResponse:
     def end(self) -> None:
         assert self.protocol is not None
         self.protocol.connectionLost(Failure(ResponseDone()))
+
+    def break_off(self, *reasons: BaseException) -> None:
+        """
+        End the body as Twisted's client does when it breaks: a
+        C{ResponseFailed} carrying C{reasons} (e.g. the malformed framing).
+        """
+        assert self.protocol is not None
+        self.protocol.connectionLost(Failure(ResponseFailed([Failure(r) for r in reasons])))
 
     def setPreviousResponse(self, response: IResponse) -> None:
         raise NotImplementedError
@@ -161,11 +169,22 @@ def serve(credentials: ICredentialSource, clock: Clock, **config: Any) -> Served
     agent = ScriptedAgent()
     settings = HTTPProxyConfig(upstream="http://upstream.invalid", **config)
     resource = ProxyResource(clock, settings, credentials, agent)
-    site = ProxySite(resource, clock, settings.max_body)
+    site = ProxySite(resource, clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()
     channel.makeConnection(transport)
     return Served(transport, agent, channel, resource)
+
+
+def connect_another(served: Served) -> Served:
+    """
+    A second agent connection to the same face (same site, resource and
+    upstream agent), for tests of what requests in flight share.
+    """
+    channel = served.channel.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1235))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return Served(transport, served.agent, channel, served.resource)
 
 
 @implementer(IOAuthProvider)

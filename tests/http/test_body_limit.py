@@ -46,7 +46,7 @@ def _serve() -> tuple[StringTransport, RecordingAgent, Any]:
     agent = RecordingAgent()
     config = HTTPProxyConfig(upstream="http://upstream.invalid", max_body=LIMIT)
     credentials = EnvironmentCredentialSource({"ANTHROPIC_API_KEY": "sk-ant-real"})
-    site = ProxySite(ProxyResource(clock, config, credentials, agent), clock, LIMIT)
+    site = ProxySite(ProxyResource(clock, config, credentials, agent), clock)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()
     channel.makeConnection(transport)

@@ -44,7 +44,7 @@ class FirstByteTimerTests(SynchronousTestCase):
         upstream = SilentUpstream()
         config = HTTPProxyConfig(upstream="http://upstream.invalid", first_byte_timeout=30.0)
         credentials = EnvironmentCredentialSource({"ANTHROPIC_API_KEY": "sk-ant-real"})
-        site = ProxySite(ProxyResource(clock, config, credentials, upstream), clock, 1 << 20)
+        site = ProxySite(ProxyResource(clock, config, credentials, upstream), clock)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
         transport = StringTransport()
         channel.makeConnection(transport)

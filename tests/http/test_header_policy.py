@@ -18,6 +18,7 @@ from credproxy.http._headers import (
     presented_placeholder,
     upstream_request_headers,
 )
+from credproxy.http._upstream_head import connection_options
 
 REAL_KEY = "sk-ant-api03-real-key"
 REAL_OAUTH = "sk-ant-oat01-real-oauth"
@@ -90,6 +91,24 @@ class UpstreamRequestHeaderTests(SynchronousTestCase):
             api.getRawHeaders(b"anthropic-beta"), [b"a-1, oauth-2025-04-20", b"b-2,a-1"]
         )
 
+    def test_names_with_an_underscore_are_never_forwarded(self) -> None:
+        incoming = Headers(
+            {
+                b"x_api_key": [b"sk-ant-api03-smuggled"],
+                b"anthropic_version": [b"2023-06-01"],
+                b"X_Stainless_Lang": [b"python"],
+                b"authorization_": [b"Bearer x"],
+                b"x-api_key": [b"k"],
+                b"anthropic-version": [b"2023-06-01"],
+            }
+        )
+        for credential in (API_KEY, OAUTH):
+            out = upstream_request_headers(incoming, credential)
+            names = [name for name, _ in out.getAllRawHeaders()]
+            self.assertEqual([name for name in names if b"_" in name], [])
+            self.assertEqual(out.getRawHeaders(b"anthropic-version"), [b"2023-06-01"])
+            self.assertNotIn("sk-ant-api03-smuggled", repr(list(out.getAllRawHeaders())))
+
     def test_merge_beta_flags(self) -> None:
         self.assertEqual(merge_beta_flags([], b"f"), b"f")
         self.assertEqual(merge_beta_flags([b" ,x,, y ,x"], b"f"), b"x,y,f")
@@ -120,8 +139,29 @@ class ResponseHeaderTests(SynchronousTestCase):
             }
         )
         into = Headers()
-        copy_response_headers(upstream, into)
+        copied = copy_response_headers(upstream, into)
         self.assertEqual(
             sorted(name for name, _ in into.getAllRawHeaders()),
             sorted([b"Content-Type", b"Request-Id", b"Anthropic-Ratelimit-Requests-Remaining"]),
+        )
+        self.assertEqual(
+            sorted(name.lower() for name in copied),
+            [b"anthropic-ratelimit-requests-remaining", b"content-type", b"request-id"],
+        )
+
+    def test_connection_named_headers_read_as_the_screen_reads_them(self) -> None:
+        # One rule for parsed headers and raw heads (credproxy.http._upstream_head).
+        upstream = Headers(
+            {
+                b"connection": [b" X-A ,, ", b"x-b"],
+                b"x-a": [b"1"],
+                b"x-b": [b"2"],
+                b"x-c": [b"3"],
+            }
+        )
+        into = Headers()
+        copy_response_headers(upstream, into)
+        self.assertEqual([name for name, _ in into.getAllRawHeaders()], [b"X-C"])
+        self.assertEqual(
+            connection_options(upstream.getRawHeaders(b"connection", [])), {b"x-a", b"x-b"}
         )

@@ -65,7 +65,10 @@ async def test_other_uid_is_refused_and_logged(upstream: Upstream, make_proxy: M
         open_to_others(proxy.path)
         assert await deferToThread(as_nobody, proxy.path) == "403"
     assert upstream.received == []
-    assert any(e.get("uid") == NOBODY and "Refused" in str(e.get("log_format")) for e in events)
+    assert any(
+        e.get("outcome") == "peer_refused" and f"peer_uid={NOBODY}" in str(e.get("line"))
+        for e in events
+    )
 
 
 @pytest_twisted.ensureDeferred

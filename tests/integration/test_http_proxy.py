@@ -441,7 +441,7 @@ async def test_one_audit_line_per_request_and_no_secret_in_any_log(
     )
     assert stream["bytes"] == len(b"".join(stream_events(["Hello", ", world"])))
     assert isinstance(stream["duration_ms"], float)
-    assert (refused["status"], refused["outcome"]) == (401, "refused")
+    assert (refused["status"], refused["outcome"]) == (401, "bad_token")
     assert (message["input_tokens"], message["output_tokens"]) == (3, 4)
     assert_no_secrets(log_events, REAL_API_KEY, CAPABILITY, PLACEHOLDER)
 

@@ -3,6 +3,10 @@ The process as users run it: C{twistd -n credproxy} holding C{ANTHROPIC_API_KEY}
 is closed to another process of its own uid that is not root, and C{twistd
 credproxy} without -n (a daemon) that cannot start ends at once, with one
 line on stderr, instead of waiting forever or writing only its log.
+
+Run as root (as on CI), the reading process and credproxy both run as uid
+65534: root may read any process, so it would prove nothing. See
+L{tests.integration.unprivileged} for the interpreter they run.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,53 +23,39 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration import unprivileged as unprivileged_
+
 API_KEY = "sk-ant-api03-process-integration-key-0123456789"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-CREDPROXY = os.path.join(os.path.dirname(sys.executable), "credproxy")
-# The unprivileged uid the test and credproxy both run as when the tests run as root.
-NOBODY = 65534
 
 pytestmark = pytest.mark.slow
 
 
-PROBE = (
-    "import subprocess, sys; subprocess.run([sys.argv[1], 'credproxy', '--version'], check=True)"
-)
-
-
-def as_unprivileged() -> list[str]:
+@pytest.fixture(scope="session")
+def unprivileged() -> Iterator[unprivileged_.Interpreter]:
     """
-    The prefix that runs a command as a uid that is not root: nothing when
-    we are not root; when we are, setpriv to NOBODY (root could read any
-    process, so it would prove nothing).
+    The interpreter (and its twistd and credproxy) that the reading process
+    and credproxy both run with, as a uid that is not root: ourselves when
+    we are not root, else uid 65534, on a venv built for it once a session
+    when the project's own interpreter is out of its reach.
     """
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root, and setpriv (util-linux) is missing to drop to another uid")
-    prefix = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-    # Exactly what the test runs: this interpreter, starting twistd credproxy.
-    probe = subprocess.run(
-        [*prefix, sys.executable, "-c", PROBE, TWISTD],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no reason given"])[-1]
-        pytest.skip(f"uid {NOBODY} cannot run {TWISTD} credproxy: {last}")
-    return prefix
+    directory = unprivileged_.make_directory()
+    try:
+        found = unprivileged_.find(directory)
+        if isinstance(found, str):
+            pytest.skip(found)
+        yield found
+    finally:
+        unprivileged_.remove(directory)
 
 
 @pytest.fixture
-def home(socket_dir: str) -> str:
+def home(socket_dir: str, unprivileged: unprivileged_.Interpreter) -> str:
     """
     A private directory for credproxy's runtime and state, owned by the uid it runs as.
     """
-    if os.geteuid() == 0:
-        os.chown(socket_dir, NOBODY, NOBODY)
+    if unprivileged.uid is not None:
+        os.chown(socket_dir, unprivileged.uid, unprivileged.uid)
     return socket_dir
 
 
@@ -82,84 +71,117 @@ def environment(home: str, **extra: str) -> dict[str, str]:
 
 # The other process of credproxy's uid: it starts credproxy itself (so that
 # even Yama's ptrace_scope 1 would let it trace its own child), waits until
-# it has started, reports what /proc lets it read, and stops it (SIGINT:
-# credproxy run passes it on to its command, and ends with it).
+# it has started, reports what /proc and ptrace let it do, and stops it
+# (SIGINT: credproxy run passes it on to its command, and ends with it).
+# It tries the same on a control, an ordinary child of the same uid and
+# environment (this Python, sleeping), which shows the machine allows all three to a
+# dumpable process. Whatever it reads, it reports only whether the key was
+# in it, never the key.
 PEEK = r"""
-import json, os, subprocess, sys, time
+import ctypes, json, os, signal, subprocess, sys, time
 
-argv, ready, log_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+argv, ready, log_path, key = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def peek(pid):
+    seen = {}
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            seen["environ"] = "holds the key" if key.encode() in f.read() else "read"
+    except OSError as e:
+        seen["environ"] = e.errno
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY))
+        seen["mem"] = "opened"
+    except OSError as e:
+        seen["mem"] = e.errno
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) == -1:
+        seen["ptrace"] = ctypes.get_errno()
+    else:
+        seen["ptrace"] = "attached"
+        os.waitpid(pid, 0)  # the stop of the attach
+        libc.ptrace(PTRACE_DETACH, pid, None, None)
+    return seen
+
+
+# Once it has said so, it runs: its environ is set up (just after exec it may not be yet).
+wait = "import time; print('up', flush=True); time.sleep(60)"
+control = subprocess.Popen([sys.executable, "-c", wait], stdout=subprocess.PIPE)
+control.stdout.readline()
+seen = {"control": peek(control.pid)}
+control.kill()
+control.stdout.close()
+control.wait(30)
 with open(log_path, "wb") as log:
     child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-seen = {}
 try:
     deadline = time.monotonic() + 30
     while not os.path.exists(ready):
         if child.poll() is not None or time.monotonic() > deadline:
             seen["error"] = "credproxy did not start"
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     else:
-        try:
-            with open(f"/proc/{child.pid}/environ", "rb") as f:
-                seen["environ"] = f.read().decode(errors="replace")
-        except OSError as e:
-            seen["environ"] = e.errno
-        try:
-            open(f"/proc/{child.pid}/mem", "rb").close()
-            seen["mem"] = "opened"
-        except OSError as e:
-            seen["mem"] = e.errno
+        seen["credproxy"] = peek(child.pid)
 finally:
-    child.send_signal(2)
+    child.send_signal(signal.SIGINT)
     seen["status"] = child.wait(30)
 print(json.dumps(seen))
 """
 
 
-def command(name: str, home: str) -> tuple[list[str], str]:
+def command(name: str, home: str, unprivileged: unprivileged_.Interpreter) -> tuple[list[str], str]:
     """
     The command line of one of credproxy's commands, and the path that
     exists once it has started.
     """
     sock = os.path.join(home, "h.sock")
+    serve = ["--store", "memory", "--http", f"unix:address={sock}"]
     if name == "twistd":
-        twistd = [TWISTD, "--pidfile=", "-n", "credproxy"]
-        return [*twistd, "--store", "memory", "--http", f"unix:address={sock}"], sock
+        return [unprivileged.twistd, "--pidfile=", "-n", "credproxy", *serve], sock
     if name == "serve":
-        return [CREDPROXY, "serve", "--store", "memory", "--http", f"unix:address={sock}"], sock
+        return [unprivileged.credproxy, "serve", *serve], sock
     started = os.path.join(home, "started")
     agent = ["/bin/sh", "-c", f'touch "{started}" && exec sleep 60']
-    return [CREDPROXY, "run", "--verbose", "--store", "memory", "--", *agent], started
+    return [unprivileged.credproxy, "run", "--verbose", "--store", "memory", "--", *agent], started
 
 
 @pytest.mark.parametrize("name", ["twistd", "serve", "run"])
 def test_a_process_of_the_same_uid_cannot_read_credproxys_environment_or_memory(
-    home: str, name: str
+    home: str, name: str, unprivileged: unprivileged_.Interpreter
 ) -> None:
-    prefix = as_unprivileged()
-    argv, ready = command(name, home)
+    argv, ready = command(name, home, unprivileged)
     log_path = os.path.join(home, "credproxy.log")
-    result = subprocess.run(
-        [*prefix, sys.executable, "-c", PEEK, json.dumps(argv), ready, log_path],
+    result = unprivileged.run(
+        [unprivileged.python, "-c", PEEK, json.dumps(argv), ready, log_path, API_KEY],
         env=environment(home, ANTHROPIC_API_KEY=API_KEY),
         cwd=home,
-        capture_output=True,
-        text=True,
         timeout=90,
-        check=False,
     )
     with open(log_path, encoding="utf-8", errors="replace") as f:
         log = f.read()
+    assert API_KEY not in log
+    assert API_KEY not in result.stdout + result.stderr
     assert result.returncode == 0, result.stderr + log
     seen = json.loads(result.stdout)
     assert "error" not in seen, log
-    # The kernel refuses both, though the environment block still holds the key.
-    assert seen["environ"] == errno.EACCES, "the environment was readable"
-    assert seen["mem"] == errno.EACCES
+    # A dumpable process of that uid, with the same environment, is open to all three ...
+    control = {"environ": "holds the key", "mem": "opened", "ptrace": "attached"}
+    assert seen["control"] == control, "this machine refuses even a dumpable process"
+    # ... and credproxy to none: the kernel refuses, though its initial
+    # environment block, like the control's, still holds the key.
+    assert seen["credproxy"] == {
+        "environ": errno.EACCES,
+        "mem": errno.EACCES,
+        "ptrace": errno.EPERM,
+    }, "a process of credproxy's uid could read or trace it"
     # And credproxy read its key before it dropped it from its environment.
     assert "HTTP face credential: an API key from ANTHROPIC_API_KEY" in log
     assert "credproxy stays dumpable" not in log
-    assert API_KEY not in log
 
 
 # -- a daemon that cannot start -----------------------------------------------------------

@@ -257,7 +257,8 @@ async def test_an_activated_socket_refuses_a_peer_of_another_uid(
         os.chmod(path, 0o666)  # noqa: S103 - so that the kernel check, not the mode, decides
         assert await deferToThread(as_nobody, path) == "403"
         assert len(upstream.received) == 1  # nothing of the refused peer went upstream
-        assert f"Refused Unix peer uid={NOBODY}" in running.output()
+        assert "peer_refused model=None" in running.output()
+        assert f"peer_uid={NOBODY}" in running.output()
     finally:
         running.stop()
 

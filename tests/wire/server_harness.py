@@ -6,9 +6,11 @@ or raw bytes as a client would, read back every frame it wrote.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -66,9 +68,38 @@ class HalfCloseableTransport(StringTransport):
         self.write_closed = True
 
 
+class _PeerCredHandle:
+    """
+    A Unix socket handle as far as SO_PEERCRED goes: the kernel says C{uid}.
+    """
+
+    family = socket.AF_UNIX
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED)
+        return struct.pack("3i", 4242, self.uid, self.uid)
+
+
+class UnixPeerTransport(HalfCloseableTransport):
+    """
+    A half-closeable transport whose peer is a Unix process of C{uid}.
+    """
+
+    def __init__(self, uid: int) -> None:
+        super().__init__()
+        self._handle = _PeerCredHandle(uid)
+
+    def getHandle(self) -> object:
+        return self._handle
+
+
 class Connection:
     """
-    One server connection and the client's view of it.
+    One server connection and the client's view of it. C{peer} is the TCP
+    address it comes from; C{uid} makes it a Unix peer of that uid instead.
     """
 
     def __init__(
@@ -80,6 +111,8 @@ class Connection:
         clock: Clock | None = None,
         half_closeable: bool = False,
         factory: CredentialServerFactory | None = None,
+        peer: str | None = None,
+        uid: int | None = None,
     ) -> None:
         self.clock = clock or Clock()
         self.tokens: Any = tokens if tokens is not None else MemoryTokenStore()
@@ -92,7 +125,14 @@ class Connection:
         protocol = self.factory.buildProtocol(None)
         assert protocol is not None
         self.protocol: CredentialServerProtocol = protocol
-        self.transport: Any = HalfCloseableTransport() if half_closeable else StringTransport()
+        if uid is not None:
+            self.transport: Any = UnixPeerTransport(uid)
+        elif half_closeable:
+            self.transport = HalfCloseableTransport()
+        else:
+            self.transport = StringTransport()
+        if peer is not None:
+            self.transport.peerAddr = IPv4Address("TCP", peer, 54321)
         self.protocol.makeConnection(self.transport)
         self._read = 0
 

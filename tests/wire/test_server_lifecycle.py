@@ -1,7 +1,7 @@
 """
-The factory's side of a connection's life: the connection limit, refusing
-while stopping, and ending every connection at shutdown (EOF, then a hard
-close after 3 s), with a Clock.
+The factory's side of a connection's life: refusing while stopping, and
+ending every connection at shutdown (EOF, then a hard close after 3 s), with
+a Clock. The connection limits are tested in test_limits.
 """
 
 from __future__ import annotations
@@ -12,33 +12,24 @@ from twisted.trial.unittest import SynchronousTestCase
 from credproxy.broker import Broker
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import CredentialServerFactory
-from credproxy.wire._spec import MAX_CONNECTIONS, SHUTDOWN_HARD_CLOSE_DELAY
+from credproxy.wire._spec import SHUTDOWN_HARD_CLOSE_DELAY
 from tests.wire.server_harness import Connection, captured_log, request
 from tests.wire.test_server_dispatch import ControlledTokenStore
 
 
-def _factory(clock: Clock, max_connections: int = MAX_CONNECTIONS) -> CredentialServerFactory:
+def _factory(clock: Clock) -> CredentialServerFactory:
     return CredentialServerFactory(
-        clock,
-        Broker(clock, MemoryTokenStore(), MemoryProviderKeyStore()),
-        max_connections=max_connections,
+        clock, Broker(clock, MemoryTokenStore(), MemoryProviderKeyStore())
     )
 
 
-class LimitTests(SynchronousTestCase):
-    def test_default_limit(self) -> None:
-        self.assertEqual(_factory(Clock()).max_connections, MAX_CONNECTIONS)
-
-    def test_connections_beyond_the_limit_are_refused(self) -> None:
-        clock = Clock()
-        factory = _factory(clock, max_connections=2)
-        first = Connection(factory=factory, clock=clock)
-        Connection(factory=factory, clock=clock)
+class StoppingTests(SynchronousTestCase):
+    def test_a_stopping_server_refuses_new_connections(self) -> None:
+        factory = _factory(Clock())
+        factory.end_connections()
         with captured_log() as events:
             self.assertIsNone(factory.buildProtocol(None))
-        self.assertTrue(any(e.get("reason") == "too_many_connections" for e in events))
-        first.lose()
-        self.assertIsNotNone(factory.buildProtocol(None))
+        self.assertTrue(any(e.get("reason") == "stopping" for e in events))
 
 
 class ShutdownTests(SynchronousTestCase):

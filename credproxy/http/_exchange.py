@@ -116,14 +116,23 @@ class StreamPump(Protocol):
     paused = False
 
     def __init__(
-        self, exchange: Exchange, parser: UsageParser | None, reactor: Any, idle_timeout: float
+        self,
+        exchange: Exchange,
+        parser: UsageParser | None,
+        reactor: Any,
+        idle_timeout: float,
+        length: int | None = None,
     ) -> None:
         self._exchange = exchange
         self._parser = parser
         self._reactor = reactor
         self._idle_timeout = idle_timeout
         self._idle: IDelayedCall | None = None
+        # The answer's Content-Length: once that much is held, its end comes
+        # in this same read and flushes, so no flush needs scheduling.
+        self._length = length
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._flush_call: IDelayedCall | None = None
         self.bytes = 0  # written to the agent
         self.stopped = False
@@ -156,11 +165,14 @@ class StreamPump(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._held.append(data)
+        self._held_bytes += len(data)
         if self._flush_call is None:
             # The first bytes of this turn: the idle timer restarts once per
             # turn, not per chunk.
             if self._idle is not None:
                 self._idle.reset(self._idle_timeout)
+            if self._length is not None and self.bytes + self._held_bytes >= self._length:
+                return  # the whole answer: its end follows at once, and flushes
             self._flush_call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
@@ -173,6 +185,7 @@ class StreamPump(Protocol):
             return
         data = held[0] if len(held) == 1 else b"".join(held)
         self._held = []
+        self._held_bytes = 0
         if self._parser is not None:
             self._parser.feed(data)
         self.bytes += len(data)
@@ -184,6 +197,7 @@ class StreamPump(Protocol):
         """
         self._cancel_flush()
         self._held = []
+        self._held_bytes = 0
 
     def _cancel_flush(self) -> None:
         if self._flush_call is not None:
@@ -284,6 +298,10 @@ class Exchange:
             return
         self._credential = credential
         if self._slot_held:  # a replay: the first request's slot serves
+            self._forward(credential)
+            return
+        if self._context.slots.try_acquire():
+            self._slot_held = True
             self._forward(credential)
             return
         wait = self._slot_wait = self._context.slots.acquire()
@@ -396,8 +414,13 @@ class Exchange:
             self._replay(response)
             return
         parser = parser_for((response.headers.getRawHeaders(b"content-type") or [None])[0])
+        length = response.length
         self._pump = StreamPump(
-            self, parser, self._context.reactor, self._context.config.stream_idle_timeout
+            self,
+            parser,
+            self._context.reactor,
+            self._context.config.stream_idle_timeout,
+            length if isinstance(length, int) else None,
         )
         request = self.request
         self._status = response.code

@@ -10,8 +10,17 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IAgent
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
+from zope.interface import implementer
 
 from credproxy._listen import ListeningService, is_unix_description
 from credproxy.broker.credentials import ICredentialSource
@@ -33,6 +42,49 @@ class HTTPFaceConfigError(ValueError):
     """
 
 
+# Endpoints kept for reuse: the face talks to one upstream, so one is used;
+# the bound only keeps a caller-supplied URL from growing the cache.
+MAX_CACHED_ENDPOINTS = 8
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    The endpoints of the upstream hop (TCP for http, verified TLS over TCP
+    for https), built once per scheme, host and port rather than once per
+    request as Twisted's default factory does: building one parses and
+    IDNA-encodes the host and makes a TLS connection creator each time,
+    which costs about as much as the gate and the screen together.
+    """
+
+    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._connect_timeout = connect_timeout
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= MAX_CACHED_ENDPOINTS:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._build(uri)
+        return endpoint
+
+    def _build(self, uri: URI) -> IStreamClientEndpoint:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError("the upstream's host must be ASCII") from None
+        tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        if uri.scheme == b"http":
+            return tcp
+        if uri.scheme == b"https":
+            return wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), tcp)
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+
+
 def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPConnectionPool]:
     """
     The upstream client: Twisted's Agent over a pool whose connections
@@ -42,12 +94,12 @@ def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPC
     pool = ScreenedConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
-    agent = Agent(
+    endpoints = UpstreamEndpoints(
         reactor,
-        contextFactory=BrowserLikePolicyForHTTPS(),  # verifies against the platform's trust
-        connectTimeout=config.connect_timeout,
-        pool=pool,
+        BrowserLikePolicyForHTTPS(),  # verifies against the platform's trust
+        config.connect_timeout,
     )
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     return agent, pool
 
 

@@ -51,10 +51,17 @@ def _connection_named(headers: Headers) -> frozenset[bytes]:
     return connection_options(headers.getRawHeaders(b"connection", []))
 
 
+# What never crosses, per direction (the Connection-named ones are added per message).
+_NOT_FORWARDED_UP = HOP_BY_HOP | CREDENTIAL_HEADERS | REQUEST_HEADERS_SET_BY_US
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | RESPONSE_HEADERS_SET_BY_US
+
+
 def _forwardable(
-    headers: Headers, excluded: frozenset[bytes], *, underscores: bool = True
+    headers: Headers, skip: frozenset[bytes], *, underscores: bool = True
 ) -> Iterable[tuple[bytes, list[bytes]]]:
-    skip = HOP_BY_HOP | excluded | _connection_named(headers)
+    named = _connection_named(headers) if headers.hasHeader(b"connection") else None
+    if named:
+        skip = skip | named
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip and (underscores or b"_" not in name):
             yield name, list(values)
@@ -87,9 +94,7 @@ def upstream_request_headers(incoming: Headers, credential: UpstreamCredential) 
     rules above that name the real headers.
     """
     outgoing = Headers()
-    for name, values in _forwardable(
-        incoming, CREDENTIAL_HEADERS | REQUEST_HEADERS_SET_BY_US, underscores=False
-    ):
+    for name, values in _forwardable(incoming, _NOT_FORWARDED_UP, underscores=False):
         outgoing.setRawHeaders(name, values)
     secret = credential.secret.reveal().encode("utf-8")
     if credential.kind is CredentialKind.API_KEY:
@@ -115,7 +120,7 @@ def copy_response_headers(upstream: Headers, into: Headers) -> list[bytes]:
     applied here too, so any C{Headers} given is treated alike.)
     """
     copied: list[bytes] = []
-    for name, values in _forwardable(upstream, RESPONSE_HEADERS_SET_BY_US):
+    for name, values in _forwardable(upstream, _NOT_FORWARDED_DOWN):
         into.setRawHeaders(name, values)
         copied.append(name)
     return copied

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from credproxy.http._body import BodyBudget, RequestBody
@@ -36,7 +37,7 @@ class BoundedRequest(Request):
     _refused = False
     _received = 0
     _reserved = 0
-    _budgeted = False
+    _budget: BodyBudget | None = None
     _body: RequestBody
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -85,16 +86,26 @@ class BoundedRequest(Request):
         if not budget.reserve(size):
             return False
         self._reserved += size
-        if not self._budgeted:
-            self._budgeted = True
-            # Kept here: twisted.web forgets the channel before it says a
-            # request is finished because its connection was lost.
-            self.notifyFinish().addBoth(self._give_back, budget)
+        # Kept here: twisted.web forgets the channel before it tells a
+        # request that its connection was lost.
+        self._budget = budget
         return True
 
-    def _give_back(self, result: object, budget: BodyBudget) -> None:
-        reserved, self._reserved = self._reserved, 0
-        budget.release(reserved)
+    def _give_back(self) -> None:
+        budget = self._budget
+        if budget is not None:
+            reserved, self._reserved = self._reserved, 0
+            budget.release(reserved)
+
+    # The two ways a request ends: its answer is done, or its connection is gone.
+
+    def finish(self) -> None:
+        super().finish()
+        self._give_back()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._give_back()
 
     @staticmethod
     def _too_large(limit: int) -> HeadRefusal:

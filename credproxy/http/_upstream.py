@@ -259,6 +259,16 @@ class UpstreamSlots:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def try_acquire(self) -> bool:
+        """
+        Take a slot now if one is free and nobody waits (the usual case,
+        without a Deferred); False when the caller must L{acquire}.
+        """
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return True
+        return False
+
     def acquire(self) -> Deferred[None]:
         """
         Fires (at once when one is free) when the caller holds a slot, which

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from credproxy._limits import ConnectionLimits
 from credproxy._secret import Secret
 from credproxy.http._channel import REFUSED_LINGER_SECONDS
 from credproxy.http._head import MAX_HEAD, MAX_HEADER_LINE, MAX_HEADERS, MAX_REQUEST_TARGET
-from credproxy.testing import AgentConnection, FaceHarness, RawResponse
+from credproxy.testing import AgentConnection, AgentTransport, FaceHarness, RawResponse
 from tests.logcapture import captured_log
 
 TOKEN = "t" * 64
@@ -433,11 +435,6 @@ class EmbeddedResourceTests(SynchronousTestCase):
     """
 
     def _serve(self, **config: object) -> tuple[FaceHarness, AgentConnection]:
-        from twisted.internet.address import IPv4Address
-        from twisted.web.server import Site
-
-        from credproxy.testing import AgentTransport
-
         face = FaceHarness(dict(config))
         site = Site(face.resource, reactor=face.clock)
         transport = AgentTransport()

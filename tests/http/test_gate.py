@@ -123,20 +123,20 @@ class StrictParsingTests(SynchronousTestCase):
         return response.status
 
     def test_long_target_is_414_even_before_its_line_ends(self) -> None:
-        self.assertEqual(self._status(b"POST /" + b"a" * (MAX_REQUEST_TARGET + 100)), 414)
-        target = b"/v1/messages?" + b"a" * MAX_REQUEST_TARGET
+        self.assertEqual(self._status(b"POST /" + b"-" * (MAX_REQUEST_TARGET + 100)), 414)
+        target = b"/v1/messages?" + b"-" * MAX_REQUEST_TARGET
         self.assertEqual(
             self._status(_head(b"host: x", request_line=b"POST " + target + b" HTTP/1.1")), 414
         )
 
     def test_long_header_line_is_431(self) -> None:
-        line = b"x-long: " + b"a" * MAX_HEADER_LINE
+        line = b"x-long: " + b"-" * MAX_HEADER_LINE
         self.assertEqual(self._status(_head(b"host: x", line)), 431)
         # Also while the line is still arriving.
         self.assertEqual(self._status(b"POST /v1/messages HTTP/1.1\r\n" + line), 431)
 
     def test_large_head_is_431(self) -> None:
-        lines = [b"x-h%d: %s" % (i, b"a" * 4000) for i in range(MAX_HEAD // 4000 + 1)]
+        lines = [b"x-h%d: %s" % (i, b"-" * 4000) for i in range(MAX_HEAD // 4000 + 1)]
         self.assertEqual(self._status(_head(b"host: x", *lines)), 431)
 
     def test_too_many_headers_is_431(self) -> None:
@@ -246,7 +246,7 @@ class DeadlineTests(SynchronousTestCase):
 
     def test_a_trickled_head_gets_408_from_its_first_byte(self) -> None:
         agent = self.face.connect()
-        data = _head(b"host: x", b"x-trickle: " + b"a" * 100)
+        data = _head(b"host: x", b"x-trickle: " + b"-" * 100)
         for byte in range(29):
             agent.send(data[byte : byte + 1])
             self.clock.advance(1)
@@ -325,7 +325,7 @@ class BudgetTests(SynchronousTestCase):
 
     def test_the_budget_is_given_back_on_every_ending(self) -> None:
         answered = self.face.connect()
-        answered.post(b"a" * 30)
+        answered.post(b"-" * 30)
         self.assertEqual(self.budget.reserved, 30)
         self.face.upstream.requests[0].respond()
         self.assertEqual(self.budget.reserved, 0)
@@ -336,16 +336,16 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(self.budget.reserved, 0)
 
         gone_while_forwarding = self.face.connect()
-        gone_while_forwarding.post(b"a" * 30)
+        gone_while_forwarding.post(b"-" * 30)
         gone_while_forwarding.hang_up()
         self.assertEqual(self.budget.reserved, 0)
 
     def test_a_chunked_body_is_refused_when_it_outgrows_the_budget(self) -> None:
         agent = self.face.connect()
         agent.send(_head(b"host: x", b"transfer-encoding: chunked"))
-        agent.send(b"32\r\n" + b"a" * 50 + b"\r\n")
+        agent.send(b"32\r\n" + b"-" * 50 + b"\r\n")
         self.assertEqual(self.budget.reserved, 50)
-        agent.send(b"40\r\n" + b"a" * 64 + b"\r\n")
+        agent.send(b"40\r\n" + b"-" * 64 + b"\r\n")
         self.assertEqual(_only(agent).status, 503)
         agent.hang_up()
         self.assertEqual(self.budget.reserved, 0)

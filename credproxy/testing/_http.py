@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -31,7 +31,7 @@ from credproxy.http import HTTPProxyConfig, ProxySite
 from credproxy.http._resource import ProxyResource
 
 # What the harness's default credential source forwards: an obviously fake key.
-HARNESS_API_KEY = "sk-ant-api03-harness-not-a-real-key"
+HARNESS_API_KEY = "harness-fake-api-key"
 _PEERCRED = struct.Struct("3i")
 
 
@@ -203,8 +203,15 @@ class ScriptedResponse:
         assert self.protocol is not None
         self.protocol.connectionLost(Failure(reason))
 
+    def break_off(self, *reasons: BaseException) -> None:
+        """
+        End the body as Twisted's client does when it breaks: a
+        C{ResponseFailed} carrying C{reasons} (e.g. the malformed framing).
+        """
+        self.fail(ResponseFailed([Failure(reason) for reason in reasons]))
+
     def setPreviousResponse(self, response: IResponse) -> None:
-        raise NotImplementedError
+        self.previousResponse = response
 
     @property
     def closed(self) -> bool:
@@ -235,7 +242,9 @@ class UpstreamRequest:
         headers: Mapping[bytes, Sequence[bytes]] | None = None,
         **options: Any,
     ) -> ScriptedResponse:
-        response = ScriptedResponse(code, body, headers, **options)
+        return self.answer_with(ScriptedResponse(code, body, headers, **options))
+
+    def answer_with(self, response: ScriptedResponse) -> ScriptedResponse:
         self.answer.callback(response)
         return response
 
@@ -258,6 +267,8 @@ class ScriptedUpstream:
     The upstream hop: records each request (C{requests}); the test answers.
     """
 
+    request_type: type[UpstreamRequest] = UpstreamRequest
+
     def __init__(self) -> None:
         self.requests: list[UpstreamRequest] = []
 
@@ -276,7 +287,7 @@ class ScriptedUpstream:
         def cancel(_: Deferred[IResponse]) -> None:
             sent.cancelled = True
 
-        sent = UpstreamRequest(
+        sent = self.request_type(
             method, uri, headers or Headers(), b"".join(collected.chunks), Deferred(cancel)
         )
         self.requests.append(sent)

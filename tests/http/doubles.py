@@ -12,13 +12,9 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from credproxy._secret import Secret
@@ -29,22 +25,17 @@ from credproxy.http._resource import ProxyResource
 from credproxy.oauth._interfaces import FlowType, IOAuthProvider, OAuthError, OAuthErrorKind
 from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.stores._token import Token
+from credproxy.testing import ScriptedResponse, ScriptedUpstream, UpstreamRequest
 
 PROVIDER = "anthropic"
 REFUSAL = b'{"type":"error","error":{"type":"authentication_error","message":"provider says no"}}'
 
 
-@implementer(IResponse)
-class FakeResponse:
+class FakeResponse(ScriptedResponse):
     """
-    An upstream answer. Its body is delivered at once unless C{hold} is set;
-    then the test calls L{send} and L{end}. Its C{transport} records whether
-    the proxy closed the connection (C{producerState == "stopped"}).
+    An upstream answer (L{ScriptedResponse}) with the headers of a real one:
+    a content type and a request id. Held ones have no length, as streams.
     """
-
-    version = (b"HTTP", 1, 1)
-    request = None
-    previousResponse = None
 
     def __init__(
         self,
@@ -54,93 +45,34 @@ class FakeResponse:
         content_type: bytes = b"application/json",
         hold: bool = False,
     ) -> None:
-        self.code = code
-        self.phrase = b"Unauthorized" if code == 401 else b"OK"
-        self.headers = Headers({b"content-type": [content_type], b"request-id": [b"req_test"]})
-        self.length = len(body) if not hold else 0
-        self._body = body
-        self._hold = hold
-        self.transport = StringTransport()
-        self.protocol: Protocol | None = None
+        super().__init__(
+            code,
+            body,
+            {b"content-type": [content_type], b"request-id": [b"req_test"]},
+            phrase=b"Unauthorized" if code == 401 else b"OK",
+            hold=hold,
+        )
 
-    def deliverBody(self, protocol: Protocol) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        if not self._hold and self.transport.producerState != "stopped":
-            self.send(self._body)
-            self.end()
 
-    def send(self, data: bytes) -> None:
-        assert self.protocol is not None
-        self.protocol.dataReceived(data)
+class Sent(UpstreamRequest):
+    """
+    One request the proxy made upstream; answered with a prepared response.
+    """
 
-    def end(self) -> None:
-        assert self.protocol is not None
-        self.protocol.connectionLost(Failure(ResponseDone()))
+    def respond(self, response: ScriptedResponse) -> ScriptedResponse:  # type: ignore[override]
+        return self.answer_with(response)
 
-    def break_off(self, *reasons: BaseException) -> None:
-        """
-        End the body as Twisted's client does when it breaks: a
-        C{ResponseFailed} carrying C{reasons} (e.g. the malformed framing).
-        """
-        assert self.protocol is not None
-        self.protocol.connectionLost(Failure(ResponseFailed([Failure(r) for r in reasons])))
 
-    def setPreviousResponse(self, response: IResponse) -> None:
-        raise NotImplementedError
+class ScriptedAgent(ScriptedUpstream):
+    """
+    The upstream hop: records each request (C{sent}); the test answers it.
+    """
+
+    request_type = Sent
 
     @property
-    def closed(self) -> bool:
-        return bool(self.transport.producerState == "stopped")
-
-
-@dataclass
-class Sent:
-    """
-    One request the proxy made upstream, and the Deferred that answers it.
-    """
-
-    uri: bytes
-    headers: Headers
-    body: bytes
-    answer: Deferred[IResponse]
-    cancelled: bool = False
-
-    def header(self, name: bytes) -> bytes | None:
-        values = self.headers.getRawHeaders(name)
-        return values[0] if values else None
-
-    def respond(self, response: FakeResponse) -> FakeResponse:
-        self.answer.callback(response)
-        return response
-
-
-@implementer(IAgent)
-class ScriptedAgent:
-    """
-    The upstream hop: records each request; the test answers it.
-    """
-
-    def __init__(self) -> None:
-        self.sent: list[Sent] = []
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        collected = StringTransport()
-        if bodyProducer is not None:
-            bodyProducer.startProducing(collected)
-
-        def cancel(_: Deferred[IResponse]) -> None:
-            sent.cancelled = True
-
-        sent = Sent(uri, headers or Headers(), collected.value(), Deferred(cancel))
-        self.sent.append(sent)
-        return sent.answer
+    def sent(self) -> list[Sent]:
+        return self.requests  # type: ignore[return-value]
 
 
 @dataclass

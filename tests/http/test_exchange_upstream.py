@@ -79,7 +79,7 @@ def held(code: int = 200, content_type: bytes = b"text/event-stream") -> FakeRes
     (so the agent's answer is chunked, one chunk per agent write).
     """
     response = FakeResponse(code, content_type=content_type, hold=True)
-    response.length = UNKNOWN_LENGTH  # type: ignore[assignment]
+    assert response.length is UNKNOWN_LENGTH
     return response
 
 

@@ -34,6 +34,7 @@ from credproxy.wire import (
     ProxySocketClient,
     RPCFace,
 )
+from tests.integration.raw_wire import connect, frames
 
 API_KEY = "sk-ant-exhaustion-key-0123456789"
 ACCESS = "access-exhaustion-0123456789abcdef"
@@ -53,24 +54,6 @@ def _frame(message: dict[str, Any]) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def _frames(data: bytes) -> list[dict[str, Any]]:
-    found = []
-    while len(data) >= 4:
-        (length,) = struct.unpack(">I", data[:4])
-        if len(data) < 4 + length:
-            break
-        found.append(json.loads(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return found
-
-
-def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(path)
-    return sock
-
-
 def _read_to_eof(sock: socket.socket) -> tuple[list[dict[str, Any]], float]:
     """
     Every frame until EOF, and how long the EOF took.
@@ -79,18 +62,18 @@ def _read_to_eof(sock: socket.socket) -> tuple[list[dict[str, Any]], float]:
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
-    return _frames(data), time.monotonic() - started
+    return frames(data), time.monotonic() - started
 
 
 def _handshaken(path: str) -> socket.socket:
-    sock = _connect(path)
+    sock = connect(path)
     sock.sendall(_frame(HELLO))
     data = b""
-    while not _frames(data):
+    while not frames(data):
         chunk = sock.recv(65536)
         assert chunk, "closed before the handshake reply"
         data += chunk
-    assert _frames(data)[0]["ok"] is True, data
+    assert frames(data)[0]["ok"] is True, data
     return sock
 
 
@@ -142,7 +125,7 @@ async def start_face(socket_dir: str) -> AsyncIterator[StartFace]:
 async def test_silent_connections_do_not_keep_a_real_client_out(start_face: StartFace) -> None:
     face, path = await start_face()
     factory = face.factory
-    silent = [await deferToThread(_connect, path) for _ in range(6)]
+    silent = [await deferToThread(connect, path) for _ in range(6)]
     client = ProxySocketClient(reactor, path)
     try:
         await _until(lambda: len(factory.connections) == 6)
@@ -184,7 +167,7 @@ async def test_a_full_face_answers_a_newcomer_at_once_and_slots_come_back(
         await _until(lambda: factory.slots.total == 8)
 
         def newcomer() -> tuple[list[dict[str, Any]], float]:
-            with _connect(path) as sock:
+            with connect(path) as sock:
                 sock.sendall(_frame(HELLO))
                 return _read_to_eof(sock)
 
@@ -231,7 +214,7 @@ async def test_one_peer_is_held_to_its_own_limit(start_face: StartFace) -> None:
     try:
 
         def newcomer() -> list[dict[str, Any]]:
-            with _connect(path) as sock:
+            with connect(path) as sock:
                 return _read_to_eof(sock)[0]
 
         assert await deferToThread(newcomer) == [

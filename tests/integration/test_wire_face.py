@@ -25,6 +25,7 @@ from credproxy._secret import Secret
 from credproxy.broker import Broker
 from credproxy.stores import MemoryProviderKeyStore, MemoryTokenStore
 from credproxy.wire import RPCFace, RPCFaceConfigError
+from tests.integration.raw_wire import connect, frames
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -47,22 +48,6 @@ def _read_all(sock: socket.socket) -> tuple[bytes, float]:
     return data, time.monotonic() - started
 
 
-def _frames(data: bytes) -> list[dict[str, Any]]:
-    found = []
-    while data:
-        (length,) = struct.unpack(">I", data[:4])
-        found.append(json.loads(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return found
-
-
-def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(path)
-    return sock
-
-
 def _broker() -> Broker:
     return Broker(reactor, MemoryTokenStore(), MemoryProviderKeyStore())
 
@@ -80,7 +65,7 @@ async def test_refused_handshake_is_readable_then_eof(socket_dir: str) -> None:
     try:
 
         def exchange() -> tuple[bytes, float]:
-            with _connect(path) as sock:
+            with connect(path) as sock:
                 sock.sendall(
                     _frame({"v": 2, "op": "handshake", "payload": {"capabilityToken": "x"}})
                 )
@@ -88,7 +73,7 @@ async def test_refused_handshake_is_readable_then_eof(socket_dir: str) -> None:
                 return _read_all(sock)
 
         data, waited = await deferToThread(exchange)
-        assert _frames(data) == [
+        assert frames(data) == [
             {
                 "v": 2,
                 "op": "handshake",
@@ -116,7 +101,7 @@ async def test_stop_ends_connections_before_removing_the_socket(socket_dir: str)
     face.factory.connection_lost = noting  # type: ignore[method-assign]
     socks = []
     for _ in range(3):
-        sock = await deferToThread(_connect, path)
+        sock = await deferToThread(connect, path)
         sock.sendall(
             _frame({"v": 2, "op": "handshake", "payload": {"minVersion": 1, "maxVersion": 2}})
         )
@@ -132,7 +117,7 @@ async def test_stop_ends_connections_before_removing_the_socket(socket_dir: str)
     results = [await r for r in readers]
     for sock in socks:
         sock.close()
-    assert [len(_frames(data)) for data, _ in results] == [1, 1, 1]  # the handshake reply, then EOF
+    assert [len(frames(data)) for data, _ in results] == [1, 1, 1]  # the handshake reply, then EOF
     assert seen_at_close == [True, True, True]
     assert not os.path.exists(path)
     assert stopped_in < 1.0
@@ -145,7 +130,7 @@ async def test_stop_hard_closes_a_peer_that_never_reads(socket_dir: str) -> None
     await keys.save_key("big", Secret("k" * (3 * 1024 * 1024)))
     face = RPCFace(reactor, [unix_description(path)], Broker(reactor, MemoryTokenStore(), keys))
     face.startService()
-    sock = await deferToThread(_connect, path)
+    sock = await deferToThread(connect, path)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(
@@ -176,13 +161,13 @@ async def test_restarted_face_serves_the_same_path(socket_dir: str) -> None:
     try:
 
         def ask() -> list[dict[str, Any]]:
-            with _connect(path) as sock:
+            with connect(path) as sock:
                 sock.sendall(_frame({"v": 1, "op": "handshake"}))
                 sock.sendall(_frame({"v": 1, "id": "1", "op": "list_providers"}))
                 data = b""
-                while len(_frames_safe(data)) < 2:
+                while len(frames(data)) < 2:
                     data += sock.recv(65536)
-                return _frames(data)
+                return frames(data)
 
         replies = await deferToThread(ask)
         assert replies[1] == {"id": "1", "ok": True, "data": {"providers": []}}
@@ -252,17 +237,6 @@ async def test_peer_of_another_uid_is_closed_unless_allowed(socket_dir: str) -> 
             assert await deferToThread(_as_nobody, path) == expected
         finally:
             await face.stopService()
-
-
-def _frames_safe(data: bytes) -> list[dict[str, Any]]:
-    found = []
-    while len(data) >= 4:
-        (length,) = struct.unpack(">I", data[:4])
-        if len(data) < 4 + length:
-            break
-        found.append(json.loads(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return found
 
 
 def _sleep(seconds: float) -> Deferred[None]:

@@ -150,6 +150,44 @@ def harden() -> list[str]:
     return problems
 
 
+# Descriptors a running credproxy uses besides its connections: listening
+# sockets, log and store files, the thread pool's wake-up pipe, the
+# reactor's own, lingering refusals.
+DESCRIPTOR_RESERVE: Final = 128
+
+
+def raise_open_file_limit(needed: int) -> str | None:
+    """
+    Raise the soft C{RLIMIT_NOFILE} to C{needed} (never past the hard limit,
+    never lowering it), so that the connection caps, which answer 503, are
+    what stops a flood, and not a full descriptor table, which makes every
+    accept fail on both faces. Debian's and systemd's default soft limit is
+    1024, below the HTTP face's cap alone.
+
+    @return: L{None} when the limit now covers C{needed}, else why not, as
+        one line for a warning.
+    """
+    try:
+        import resource
+    except ImportError:
+        return f"no resource limits on {sys.platform}"
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (OSError, ValueError) as e:
+        return f"setrlimit(RLIMIT_NOFILE) failed: {e}"
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (
+            f"the open-file limit ({soft}) is below the {needed} descriptors the connection "
+            "caps allow; past it connections fail without an answer: raise the hard limit "
+            "(ulimit -Hn, or LimitNOFILE= in a systemd unit) or lower --max-connections"
+        )
+    return None
+
+
 def forget_credential_variables(environ: MutableMapping[str, str] = os.environ) -> list[str]:
     """
     Remove the L{CREDENTIAL_VARIABLES} from C{environ}, credproxy's own

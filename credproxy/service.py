@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
+from credproxy import _process
 from credproxy._limits import ConnectionLimits
 from credproxy._listen import (
     ListenError,
@@ -304,8 +305,24 @@ class CredproxyService(MultiService):
             found.extend(s for s in face if isinstance(s, ListeningService))
         return found
 
+    def descriptors_needed(self) -> int:
+        """
+        The descriptors the running faces may hold at their caps, with room
+        for credproxy's own files.
+        """
+        config = self.config
+        needed = _process.DESCRIPTOR_RESERVE
+        if config.http_endpoints:
+            needed += config.http.limits.max_connections + config.http.max_upstream_connections
+        if config.rpc_endpoints:
+            needed += config.rpc_limits.max_connections + config.max_pending_handshakes
+        return needed
+
     def startService(self) -> None:
         self._prepare_socket_directories()
+        problem = _process.raise_open_file_limit(self.descriptors_needed())
+        if problem is not None:
+            log.warn("Connection caps not fully usable: {problem}", problem=problem)
         try:
             super().startService()
         except ListenError:

@@ -290,3 +290,83 @@ def test_the_relay_notices_a_daemon_that_ends_without_a_word() -> None:
     assert code == 1
     assert stderr == "credproxy: the daemon ended while it started; see the twistd log\n"
     assert elapsed < 10
+
+
+def _in_a_child(code: str) -> dict[str, object]:
+    """
+    Run C{code} in a fresh interpreter (resource limits are process-wide)
+    and return the JSON object it prints.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    answer: dict[str, object] = json.loads(result.stdout)
+    return answer
+
+
+def test_the_open_file_limit_is_raised_to_what_the_caps_need() -> None:
+    seen = _in_a_child(
+        """
+        import json, resource
+        from credproxy import _process
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        problem = _process.raise_open_file_limit(600)
+        soft, after = resource.getrlimit(resource.RLIMIT_NOFILE)
+        print(json.dumps({"problem": problem, "soft": soft, "hard_kept": after == hard}))
+        """
+    )
+    assert seen == {"problem": None, "soft": 600, "hard_kept": True}
+
+
+def test_a_limit_that_cannot_be_raised_enough_is_one_clear_line() -> None:
+    seen = _in_a_child(
+        """
+        import json, resource
+        from credproxy import _process
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))
+        problem = _process.raise_open_file_limit(2000)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        print(json.dumps({"problem": problem, "soft": soft}))
+        """
+    )
+    assert seen["soft"] == 300
+    assert "open-file limit (300) is below the 2000 descriptors" in str(seen["problem"])
+    assert "--max-connections" in str(seen["problem"])
+
+
+def test_a_higher_limit_is_never_lowered() -> None:
+    seen = _in_a_child(
+        """
+        import json, resource
+        from credproxy import _process
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        problem = _process.raise_open_file_limit(600)
+        print(json.dumps({"problem": problem, "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                          "expected": min(hard, 4096)}))
+        """
+    )
+    assert seen["problem"] is None and seen["soft"] == seen["expected"]
+
+
+def test_the_service_asks_for_descriptors_for_every_cap() -> None:
+    from credproxy import CredproxyConfig, CredproxyService
+
+    both = CredproxyService(
+        MemoryReactorClock(),
+        CredproxyConfig(
+            http_endpoints=("unix:address=/x/h",), rpc_endpoints=("unix:address=/x/r",)
+        ),
+        environ={},
+    )
+    # 1024 HTTP connections, 512 upstream, 1024 credential socket, 32 handshaking, and the reserve.
+    assert both.descriptors_needed() == 1024 + 512 + 1024 + 32 + _process.DESCRIPTOR_RESERVE
+    http_only = CredproxyService(
+        MemoryReactorClock(), CredproxyConfig(http_endpoints=("unix:address=/x/h",)), environ={}
+    )
+    assert http_only.descriptors_needed() == 1024 + 512 + _process.DESCRIPTOR_RESERVE

@@ -453,31 +453,32 @@ async def test_one_audit_line_per_request_and_no_secret_in_any_log(
 async def test_stop_lets_inflight_streams_finish_then_closes_late_ones(
     upstream: Upstream, make_proxy: MakeProxy
 ) -> None:
-    pending: list[Request] = []
+    # By agent: the upstream may get the two requests in either order.
+    pending: dict[bytes, Request] = {}
 
     def held(request: Request, received: Received) -> int:
         request.setHeader(b"content-type", b"text/event-stream")
         request.write(stream_events([])[0])
-        pending.append(request)
+        pending[request.getHeader(b"x-test-agent") or b""] = request
         return NOT_DONE_YET
 
     upstream.handler = held
     proxy = await make_proxy(grace=0.5)
     finishing = await connect_agent(reactor, proxy.path)
-    finishing.send(messages_request(stream=True))
+    finishing.send(messages_request(stream=True, headers={"x-test-agent": "finishing"}))
     late = await connect_agent(reactor, proxy.path)
-    late.send(messages_request(stream=True))
+    late.send(messages_request(stream=True, headers={"x-test-agent": "late"}))
     await finishing.received_at_least(50)
     await late.received_at_least(50)
-    assert len(pending) == 2
+    assert sorted(pending) == [b"finishing", b"late"]
 
     stop_began = reactor.seconds()
     stopped = proxy.face.stopService()
     await deferLater(reactor, 0.05)
     assert not os.path.exists(proxy.path)  # no longer accepting
     for event in stream_events(["done"])[1:]:
-        pending[0].write(event)
-    pending[0].finish()
+        pending[b"finishing"].write(event)
+    pending[b"finishing"].finish()
     await finishing.closed
     assert finishing.response().complete
 

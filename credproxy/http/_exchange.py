@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -59,12 +59,8 @@ class ExchangeContext:
     credentials: ICredentialSource
     agent: IAgent
     upstream_base: bytes
-    # The face's cap on upstream requests in flight, made from the config:
-    # one per context, so every exchange of a face shares it.
-    slots: UpstreamSlots = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "slots", UpstreamSlots.for_config(self.reactor, self.config))
+    # The face's cap on upstream requests in flight, shared by its exchanges.
+    slots: UpstreamSlots
 
 
 def agent_transport(request: Request) -> Any:

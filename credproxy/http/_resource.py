@@ -22,6 +22,7 @@ from credproxy.http._errors import ErrorKind, error_body
 from credproxy.http._exchange import Exchange, ExchangeContext
 from credproxy.http._head import BAD_TARGET, HeadRefusal, valid_target
 from credproxy.http._headers import presented_placeholder
+from credproxy.http._upstream import UpstreamSlots
 
 log = Logger(namespace="credproxy.http")
 
@@ -46,7 +47,14 @@ class ProxyResource(Resource):
         self.credentials = credentials
         self.agent = agent
         self.upstream_base = config.upstream.rstrip("/").encode("ascii")
-        self._context = ExchangeContext(reactor, config, credentials, agent, self.upstream_base)
+        self._context = ExchangeContext(
+            reactor,
+            config,
+            credentials,
+            agent,
+            self.upstream_base,
+            UpstreamSlots.for_config(reactor, config),
+        )
         self._active: set[Exchange] = set()
         self._draining = False
         self._drained: list[Deferred[None]] = []

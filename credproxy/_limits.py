@@ -13,7 +13,7 @@ from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
 
-from credproxy._listen import peer_credentials
+from credproxy._listen import PeerCredentials, peer_credentials
 
 # Connections one face keeps at once. Far below a default fd limit raised for
 # a server (twistd and systemd units give 1024-65536 descriptors), so a
@@ -50,12 +50,14 @@ class SlotRefusal:
     PEER_FULL: Final = "too_many_connections_from_peer"
 
 
-def peer_key(transport: object) -> Hashable:
+def peer_key(transport: object, credentials: PeerCredentials | None = None) -> Hashable:
     """
     Who is at the other end, for counting: the kernel-reported uid on a Unix
     socket (all of one user's processes are one peer), else the address.
+    C{credentials} are the transport's, when the caller has read them already.
     """
-    credentials = peer_credentials(transport)
+    if credentials is None:
+        credentials = peer_credentials(transport)
     if credentials is not None:
         return ("uid", credentials.uid)
     get_peer = getattr(transport, "getPeer", None)

@@ -7,6 +7,7 @@ reactor.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -305,8 +306,8 @@ class Options(StoreOptions):
     def postOptions(self) -> None:
         super().postOptions()
         for option in _LIMIT_OPTIONS:
-            if self[option[0]] <= 0:
-                raise usage.UsageError(f"--{option[0]} must be positive")
+            if not (0 < self[option[0]] < math.inf):  # also refuses nan
+                raise usage.UsageError(f"--{option[0]} must be a positive, finite number")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must not be negative")
         if not self["bucket"]:

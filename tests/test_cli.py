@@ -107,7 +107,7 @@ def memory_broker(**kwargs: Any) -> Broker:
         (["logout", "anthropic", "extra"], "logout needs one PROVIDER"),
         (["new-token"], "new-token needs one FILE"),
         (["serve", "--log-format", "xml"], "--log-format must be text or json"),
-        (["serve", "--max-body", "0"], "--max-body must be positive"),
+        (["serve", "--max-body", "0"], "--max-body must be a positive"),
         (["serve", "--http", "tcp:port=1:interface=127.0.0.1"], "without a capability token"),
         (["set-key", "k", "--store", "memory"], "would be forgotten"),
         (["login", "anthropic", "--store", "memory"], "would be forgotten"),

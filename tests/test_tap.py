@@ -93,8 +93,11 @@ def test_tcp_without_capability_token_is_refused() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--max-body", "0"], "--max-body must be positive"),
+        (["--max-body", "0"], "--max-body must be a positive"),
         (["--max-body", "lots"], "max-body"),
+        (["--head-timeout", "nan"], "--head-timeout must be a positive, finite number"),
+        (["--body-timeout", "inf"], "--body-timeout must be a positive, finite number"),
+        (["--max-connections", "0"], "--max-connections must be a positive"),
         (["--grace", "-1"], "--grace must not be negative"),
         (["--upstream", "ftp://x"], "--upstream must be an http"),
         (["--upstream", "https://user:pw@host"], "must not carry credentials"),

@@ -7,29 +7,56 @@ share.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+# Pieces smaller than this are gathered into one chunk of at least this
+# size: each stored chunk costs a bytes object (33 bytes) and one upstream
+# write, so a body sent as one-byte chunks must not cost 34 times its size
+# (the budget counts only the body's own bytes).
+MERGE_BELOW: Final = 16 * 1024
+
 
 class RequestBody:
     """
-    A request's body as the chunks it arrived in, standing in for the file
-    twisted.web keeps in C{request.content} (which it may close while the
-    body is still needed for a replay: closing here forgets nothing).
+    A request's body as the chunks it arrived in (small pieces gathered),
+    standing in for the file twisted.web keeps in C{request.content} (which
+    it may close while the body is still needed for a replay: closing here
+    forgets nothing).
     """
 
-    __slots__ = ("chunks", "length")
+    __slots__ = ("_chunks", "_small", "length")
 
     def __init__(self, chunks: Sequence[bytes] = ()) -> None:
-        self.chunks: list[bytes] = list(chunks)
-        self.length = sum(len(chunk) for chunk in self.chunks)
+        self._chunks: list[bytes] = list(chunks)
+        self._small = bytearray()  # pieces not yet gathered into a chunk
+        self.length = sum(len(chunk) for chunk in self._chunks)
 
     def write(self, data: bytes) -> None:
-        self.chunks.append(data)
         self.length += len(data)
+        if len(data) >= MERGE_BELOW and not self._small:
+            self._chunks.append(data)  # the usual case: a whole read, kept as it is
+            return
+        self._small += data
+        if len(self._small) >= MERGE_BELOW:
+            self._gather()
+
+    def _gather(self) -> None:
+        if self._small:
+            self._chunks.append(bytes(self._small))
+            self._small = bytearray()
+
+    @property
+    def chunks(self) -> list[bytes]:
+        """
+        The body's chunks, in order; once read, the body is taken as whole.
+        """
+        self._gather()
+        return self._chunks
 
     def tell(self) -> int:
         return self.length

@@ -26,7 +26,7 @@ from twisted.web.http import HTTPChannel
 
 from credproxy._limits import ConnectionSlots, SlotRefusal, peer_key
 from credproxy._listen import PeerCredentials, peer_credentials
-from credproxy.http._admission import PEER_REFUSED, admission_refusal
+from credproxy.http._admission import FORWARDED_PATHS, PEER_REFUSED, admission_refusal
 from credproxy.http._audit import RefusalAudit
 from credproxy.http._body import BodyBudget
 from credproxy.http._config import HTTPProxyConfig
@@ -35,8 +35,8 @@ from credproxy.http._head import (
     HeadRefusal,
     RequestHead,
     check_incomplete,
+    find_head,
     parse_head,
-    split_head,
 )
 from credproxy.http._headers import presented_placeholder
 
@@ -54,18 +54,26 @@ REFUSED_LINGER_SECONDS: Final = 5.0
 NO_SLOT_LINGER_SECONDS: Final = 1.0
 # What an overloaded answer asks the agent to wait before trying again.
 OVERLOADED_RETRY_AFTER: Final = 1
+# Refused connections lingering at once (each holds a descriptor while its
+# peer reads the answer); past this many, a refused one is closed at once.
+MAX_LINGERING_REFUSALS: Final = 64
+# How much of an unjudged head is looked at for its method and path.
+_SHOWN_LINE: Final = 512
+_SHOWN_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"}
+)
 
 _NO_SLOT: Final = {
     SlotRefusal.FACE_FULL: HeadRefusal(
         ErrorKind.OVERLOADED,
         "credproxy is serving as many connections as it may; retry shortly.",
-        "too_many_connections",
+        SlotRefusal.FACE_FULL,
     ),
     SlotRefusal.PEER_FULL: HeadRefusal(
         ErrorKind.OVERLOADED,
         "This client holds as many connections to credproxy as one client may; "
         "close some or retry shortly.",
-        "too_many_connections_from_peer",
+        SlotRefusal.PEER_FULL,
     ),
 }
 
@@ -82,6 +90,7 @@ class FaceGuard:
     slots: ConnectionSlots
     budget: BodyBudget
     refusals: RefusalAudit
+    lingering: int = 0  # refused connections waiting for their peer to read the answer
 
     @classmethod
     def for_config(cls, config: HTTPProxyConfig, clock: IReactorTime) -> FaceGuard:
@@ -113,7 +122,8 @@ class ProxyChannel(HTTPChannel):
     admitted: RequestHead | None = None
     peer: PeerCredentials | None = None
     _phase = _Phase.HEAD
-    _buffered = b""
+    _scanned = 0  # bytes of _buffered already searched for the blank line
+    _lingering = False
     _slot: Hashable | None = None
     _head_timer: IDelayedCall | None = None
     _body_timer: IDelayedCall | None = None
@@ -121,6 +131,10 @@ class ProxyChannel(HTTPChannel):
     _awaiting_body = False
     _body_started = 0.0
     _body_progress = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffered = bytearray()  # a head that came in pieces, until it is whole
 
     @property
     def guard(self) -> FaceGuard:
@@ -131,12 +145,14 @@ class ProxyChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.peer = peer_credentials(self.transport)
-        key = peer_key(self.transport)
+        key = peer_key(self.transport, self.peer)
         refusal = self.guard.slots.take(key)
         if refusal is not None:
             self.refuse(_NO_SLOT[refusal], retry_after=OVERLOADED_RETRY_AFTER)
             return
         self._slot = key
+        # A connection that never sends a byte must not keep its slot either.
+        self._head_timer = self.callLater(self.guard.config.head_timeout, self._head_expired)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         for timer in (self._head_timer, self._body_timer, self._linger_timer):
@@ -147,6 +163,9 @@ class ProxyChannel(HTTPChannel):
         if self._slot is not None:
             self.guard.slots.give_back(self._slot)
             self._slot = None
+        if self._lingering:
+            self._lingering = False
+            self.guard.lingering -= 1
         super().connectionLost(reason)
 
     # -- the gate ---------------------------------------------------------------
@@ -160,31 +179,40 @@ class ProxyChannel(HTTPChannel):
             return
         if phase is _Phase.CLOSING:
             return  # answered for the last time: read (to notice the close) and drop
-        buffered = self._buffered + data if self._buffered else data
-        parts = split_head(buffered)
-        if parts is None:
-            try:
-                check_incomplete(buffered)
-            except HeadRefusal as over_limit:
-                self._buffered = b""
-                self.refuse(over_limit, request_line=buffered)
+        buffered: bytes | bytearray
+        if self._buffered:
+            self._buffered += data
+            buffered = self._buffered
+        else:
+            buffered = data
+        found = find_head(buffered, self._scanned)
+        if found is None:
+            over_limit = check_incomplete(buffered)
+            if over_limit is not None:
+                self.refuse(over_limit, request_line=bytes(buffered[:_SHOWN_LINE]))
+                self._buffered = bytearray()
                 return
-            self._buffered = buffered
+            if buffered is data:
+                self._buffered = bytearray(data)
+            self._scanned = len(buffered)
             if self._head_timer is None and buffered:
                 self._head_timer = self.callLater(
                     self.guard.config.head_timeout, self._head_expired
                 )
             return
-        self._buffered = b""
+        start, end = found
+        if buffered is not data:
+            buffered = bytes(buffered)
+        self._buffered = bytearray()
+        self._scanned = 0
         if self._head_timer is not None:
             if self._head_timer.active():
                 self._head_timer.cancel()
             self._head_timer = None
-        head_bytes = parts[0]
-        try:
-            head = parse_head(head_bytes)
-        except HeadRefusal as malformed:
-            self.refuse(malformed, request_line=head_bytes)
+        head_bytes = buffered[start:end]
+        head = parse_head(head_bytes)
+        if isinstance(head, HeadRefusal):
+            self.refuse(head, request_line=head_bytes[:_SHOWN_LINE])
             return
         refusal = admission_refusal(
             self.guard.config,
@@ -199,7 +227,9 @@ class ProxyChannel(HTTPChannel):
         self._phase = _Phase.FORWARDED
         self.admitted = head
         self._awaiting_body = head.has_body
-        super().dataReceived(buffered)  # twisted.web parses the head just judged, and on
+        # twisted.web parses the head just judged (without the blank lines
+        # before it, of which it would skip only one), and what follows.
+        super().dataReceived(buffered[start:] if start else buffered)
         if self._awaiting_body and self._phase is _Phase.FORWARDED and self._body_timer is None:
             now = self.guard.clock.seconds()
             self._body_started = self._body_progress = now
@@ -218,11 +248,14 @@ class ProxyChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         # Before twisted.web replays what it buffered meanwhile: that is the
         # next request's head, for the gate.
-        if self._phase is _Phase.FORWARDED:
+        # Whether this request leaves the connection open, read before
+        # twisted.web replays the next request (which sets it for itself).
+        persistent = self.persistent
+        if self._phase is _Phase.FORWARDED and persistent:
             self._phase = _Phase.HEAD
         self.admitted = None
         super().requestDone(request)
-        if not self.persistent:
+        if not persistent:
             self._phase = _Phase.CLOSING
 
     # -- deadlines ----------------------------------------------------------------
@@ -236,9 +269,9 @@ class ProxyChannel(HTTPChannel):
                 f"The request head did not arrive within {seconds:g} s.",
                 "head_timeout",
             ),
-            request_line=self._buffered,
+            request_line=bytes(self._buffered[:_SHOWN_LINE]),
         )
-        self._buffered = b""
+        self._buffered = bytearray()
 
     def _next_body_check(self, now: float) -> float:
         config = self.guard.config
@@ -297,6 +330,12 @@ class ProxyChannel(HTTPChannel):
         )
         transport: Any = self.transport
         transport.write(answer)
+        if self.requests:
+            # The request being read (if any) is given up: its body, and
+            # its share of the budget, go now, not when the connection does.
+            drop_body = getattr(self.requests[-1], "drop_body", None)
+            if drop_body is not None:
+                drop_body()
         if method is None or path is None:
             method, path = _shown_request_line(request_line)
         detail = ""
@@ -310,21 +349,33 @@ class ProxyChannel(HTTPChannel):
             response_bytes=len(answer),
             detail=detail,
         )
-        linger = REFUSED_LINGER_SECONDS if self._slot is not None else NO_SLOT_LINGER_SECONDS
-        if IHalfCloseableDescriptor.providedBy(transport):
-            closing: Any = transport
-            closing.loseWriteConnection()
-            self._linger_timer = self.callLater(linger, closing.abortConnection)
-        else:
+        guard = self.guard
+        if guard.lingering >= MAX_LINGERING_REFUSALS or not IHalfCloseableDescriptor.providedBy(
+            transport
+        ):
+            # Every lingering refusal holds a descriptor: past the bound,
+            # closed at once (the answer is flushed first).
             transport.loseConnection()
+            return
+        self._lingering = True
+        guard.lingering += 1
+        linger = REFUSED_LINGER_SECONDS if self._slot is not None else NO_SLOT_LINGER_SECONDS
+        closing: Any = transport
+        closing.loseWriteConnection()
+        self._linger_timer = self.callLater(linger, closing.abortConnection)
 
 
 def _shown_request_line(line: bytes) -> tuple[bytes, bytes]:
     """
-    The method and path of a head that could not be parsed, as far as they
-    can be told, for the audit line (which cuts and escapes them).
+    The method and path of a head that could not be judged, for the audit
+    line, only where they are known words: what failed to parse may be
+    anything, a body sent after a short Content-Length included, and must
+    not reach the log.
     """
-    first = line.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+    first = line.split(b"\r\n", 1)[0]
     method, _, rest = first.partition(b" ")
-    target = rest.partition(b" ")[0]
-    return method[:32] or b"-", target.partition(b"?")[0] or b"-"
+    path = rest.partition(b" ")[0].partition(b"?")[0]
+    return (
+        method if method in _SHOWN_METHODS else b"-",
+        path if path in FORWARDED_PATHS else b"-",
+    )

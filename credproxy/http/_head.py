@@ -45,7 +45,7 @@ _DIGITS: Final = re.compile(rb"[0-9]{1,19}")
 
 
 @dataclass(frozen=True)
-class HeadRefusal(Exception):
+class HeadRefusal:
     """
     Why a head is refused: the answer's kind and text, and the word for the
     audit line. The text never quotes the request.
@@ -149,46 +149,47 @@ HEADER_LINE_TOO_LONG: Final = _too_large(f"A header line is longer than {MAX_HEA
 TOO_MANY_HEADERS: Final = _too_large(f"More than {MAX_HEADERS} header lines.")
 
 
-def check_incomplete(buffered: bytes) -> None:
+def check_incomplete(buffered: bytes | bytearray) -> HeadRefusal | None:
     """
     Refuse a head that is not complete yet but can already never pass, so a
     client is answered as soon as it crosses a limit, not when it stops.
 
-    @raise HeadRefusal: when it is over a limit.
+    @return: the refusal when it is over a limit, else None.
     """
     line_end = buffered.find(b"\r\n")
     if line_end < 0:
-        if len(buffered) > MAX_REQUEST_LINE:
-            raise URI_TOO_LONG
-        return
+        return URI_TOO_LONG if len(buffered) > MAX_REQUEST_LINE else None
     if len(buffered) > MAX_HEAD:
-        raise HEAD_TOO_LARGE
+        return HEAD_TOO_LARGE
     last_line_start = buffered.rfind(b"\r\n") + 2
     if len(buffered) - last_line_start > MAX_HEADER_LINE:
-        raise HEADER_LINE_TOO_LONG
+        return HEADER_LINE_TOO_LONG
+    return None
 
 
-def parse_head(head: bytes) -> RequestHead:
+def parse_head(head: bytes) -> RequestHead | HeadRefusal:
     """
     Judge a complete head: C{head} is everything before the blank line,
     leading blank lines already removed.
 
-    @raise HeadRefusal: for the first rule it breaks.
+    @return: the head, or the refusal for the first rule it breaks. (Refusals
+        are returned, not raised: a raised one would keep the frames of the
+        raise, which hold the request's bytes, in its traceback.)
     """
     if len(head) + 4 > MAX_HEAD:
-        raise HEAD_TOO_LARGE
+        return HEAD_TOO_LARGE
     match = _HEAD.fullmatch(head + b"\r\n")
     if match is None:
-        raise _diagnose(head)
+        return _diagnose(head)
     method, target, minor, lines = match.groups()
     if len(target) > MAX_REQUEST_TARGET:
-        raise URI_TOO_LONG
+        return URI_TOO_LONG
     if lines.count(b"\r\n") > MAX_HEADERS:
-        raise TOO_MANY_HEADERS
+        return TOO_MANY_HEADERS
     if len(lines) > MAX_HEADER_LINE and any(
         len(line) > MAX_HEADER_LINE for line in lines.split(b"\r\n")
     ):
-        raise HEADER_LINE_TOO_LONG
+        return HEADER_LINE_TOO_LONG
     # Each line between CRLFs, so a name is found as CRLF name ":" and a
     # value ends at the next CRLF.
     block = b"\r\n" + lines
@@ -196,26 +197,26 @@ def parse_head(head: bytes) -> RequestHead:
     hosts = lowered.count(b"\r\nhost:")
     http11 = minor == b"1"
     if hosts > 1 or (http11 and hosts == 0):
-        raise _bad("An HTTP/1.1 request needs exactly one Host header.")
+        return _bad("An HTTP/1.1 request needs exactly one Host header.")
     content_length: int | None = None
     if b"\r\ncontent-length:" in lowered:
         lengths = _values(block, lowered, b"content-length")
         if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
-            raise _bad("Content-Length must be one decimal number.")
+            return _bad("Content-Length must be one decimal number.")
         content_length = int(lengths[0])
     chunked = False
     if b"\r\ntransfer-encoding:" in lowered:
         encodings = _values(block, lowered, b"transfer-encoding")
         if len(encodings) != 1 or encodings[0].lower() != b"chunked":
-            raise HeadRefusal(
+            return HeadRefusal(
                 ErrorKind.NOT_IMPLEMENTED,
                 "Transfer-Encoding other than one chunked is not supported.",
                 "not_implemented",
             )
         if content_length is not None:
-            raise _bad("A request may not carry both Content-Length and Transfer-Encoding.")
+            return _bad("A request may not carry both Content-Length and Transfer-Encoding.")
         if not http11:
-            raise _bad("Transfer-Encoding needs HTTP/1.1.")
+            return _bad("Transfer-Encoding needs HTTP/1.1.")
         chunked = True
     return RequestHead(method, target, http11, content_length, chunked, block, lowered)
 
@@ -255,15 +256,18 @@ def _diagnose(head: bytes) -> HeadRefusal:
     return _bad("Malformed request head.")
 
 
-def split_head(buffered: bytes) -> tuple[bytes, bytes] | None:
+def find_head(buffered: bytes | bytearray, scanned: int = 0) -> tuple[int, int] | None:
     """
-    The head (without leading blank lines and the final blank line) and what
-    follows it, or None while the blank line has not arrived.
+    Where the head is in C{buffered}: (its start, after leading blank lines;
+    its end, where the blank line that ends it begins), or None while that
+    blank line has not arrived. C{scanned} bytes were searched before (by an
+    earlier call on a shorter buffer), so a head in many pieces is searched
+    once, not once per piece.
     """
     start = 0
     while buffered.startswith(b"\r\n", start):
         start += 2
-    end = buffered.find(b"\r\n\r\n", start)
+    end = buffered.find(b"\r\n\r\n", max(start, scanned - 3))
     if end < 0:
         return None
-    return buffered[start:end], buffered[end + 4 :]
+    return start, end

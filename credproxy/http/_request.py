@@ -115,9 +115,17 @@ class BoundedRequest(Request):
             "body_too_large",
         )
 
-    def _refuse(self, refusal: HeadRefusal) -> None:
+    def drop_body(self) -> None:
+        """
+        Give this request up before its body is whole (refused, or too
+        slow): nothing of the body is kept, and its budget goes back now.
+        """
         self._refused = True
-        self._body = self.content = RequestBody()  # nothing of a refused body is kept
+        self._body = self.content = RequestBody()
+        self._give_back()
+
+    def _refuse(self, refusal: HeadRefusal) -> None:
+        self.drop_body()
         # Otherwise twisted.web would invite the body with 100 Continue.
         self.requestHeaders.removeHeader(b"expect")
         head = self.head

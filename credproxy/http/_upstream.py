@@ -149,6 +149,11 @@ class ScreenedHTTP11ClientProtocol(HTTP11ClientProtocol):
         nobody asked for (a desynchronised or smuggling upstream), so the
         connection is closed instead of going back to the pool.
         """
+        if rest and self._currentRequest is not None:
+            # Before Twisted decides: a connection that is not persistent is
+            # given up, never handed back to the pool, where the next request
+            # (and its credential) would be written onto it.
+            self._currentRequest.persistent = False
         super()._finishResponse_WAITING(rest)
         if rest and self._failure is None:
             self._abort(UnsolicitedBytes())

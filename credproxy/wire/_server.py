@@ -285,7 +285,7 @@ class CredentialServerProtocol(Int32StringReceiver):
             self._state = _State.CLOSING
             self._transport.loseConnection()
             return
-        self.peer = peer_key(self.transport)
+        self.peer = peer_key(self.transport, credentials)
         refusal = factory.admit(self)
         if refusal is not None:
             # A refused connection writes only its (flood-gated) refusal line:

@@ -15,7 +15,7 @@ from twisted.web.server import Site
 
 from credproxy._limits import ConnectionLimits
 from credproxy._secret import Secret
-from credproxy.http._channel import REFUSED_LINGER_SECONDS
+from credproxy.http._channel import MAX_LINGERING_REFUSALS, REFUSED_LINGER_SECONDS
 from credproxy.http._head import MAX_HEAD, MAX_HEADER_LINE, MAX_HEADERS, MAX_REQUEST_TARGET
 from credproxy.testing import AgentConnection, AgentTransport, FaceHarness, RawResponse
 from tests.logcapture import captured_log
@@ -214,9 +214,24 @@ class StrictParsingTests(SynchronousTestCase):
         self.assertEqual(sent.body, b"{}")
 
     def test_leading_blank_lines_are_ignored(self) -> None:
+        for blank_lines in (1, 2, 5):
+            with self.subTest(blank_lines=blank_lines):
+                face = FaceHarness()
+                agent = face.connect()
+                agent.send(b"\r\n" * blank_lines + _head(b"host: x", b"content-length: 2") + b"{}")
+                [sent] = face.upstream.requests
+                self.assertEqual(sent.body, b"{}")
+                self.assertEqual(agent.received, b"")  # no bare 400 from twisted.web
+
+    def test_a_pipelined_closing_request_with_a_late_body_is_forwarded(self) -> None:
         agent = self.face.connect()
-        agent.send(b"\r\n" + _head(b"host: x", b"content-length: 2") + b"{}")
-        self.assertEqual(len(self.face.upstream.requests), 1)
+        first = _head(b"host: x", b"content-length: 2") + b"{}"
+        closing = _head(b"host: x", b"connection: close", b"content-length: 10") + b"12345"
+        agent.send(first + closing)
+        self.face.upstream.requests[0].respond()
+        agent.send(b"67890")
+        self.assertEqual(len(self.face.upstream.requests), 2)
+        self.assertEqual(self.face.upstream.requests[1].body, b"1234567890")
 
     def test_a_head_in_many_pieces_passes(self) -> None:
         agent = self.face.connect()
@@ -274,9 +289,20 @@ class DeadlineTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(_only(agent).status, 408)
         self.assertIn(b"no progress", _only(agent).body)
-        self.assertEqual(self.face.site.guard.budget.reserved, 10)
+        # Given up: its budget goes back now, not when the connection does.
+        self.assertEqual(self.face.site.guard.budget.reserved, 0)
         agent.hang_up()
         self.assertEqual(self.face.site.guard.budget.reserved, 0)
+
+    def test_a_connection_that_sends_nothing_gets_408_from_its_connection(self) -> None:
+        agent = self.face.connect()
+        self.clock.advance(29.9)
+        self.assertEqual(agent.responses(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(_only(agent).status, 408)
+        self.assertTrue(agent.closing)
+        agent.hang_up()
+        self.assertEqual(self.face.site.guard.slots.total, 0)
 
     def test_a_body_trickled_past_the_total_gets_408(self) -> None:
         agent = self.face.connect()
@@ -359,6 +385,30 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual([(a["status"], a["outcome"]) for a in audits], [(413, "body_too_large")])
 
 
+class LingeringTests(SynchronousTestCase):
+    def test_past_the_lingering_bound_a_refused_connection_is_closed_at_once(self) -> None:
+        face = FaceHarness({"capability_token": Secret(TOKEN)})
+        agents = []
+        for _ in range(MAX_LINGERING_REFUSALS):
+            agent = face.connect()
+            agent.post(key=b"wrong")
+            agents.append(agent)
+        self.assertTrue(
+            all(a.transport.write_closed and not a.transport.disconnecting for a in agents)
+        )
+        self.assertEqual(face.site.guard.lingering, MAX_LINGERING_REFUSALS)
+        one_more = face.connect()
+        one_more.post(key=b"wrong")
+        self.assertEqual(_only(one_more).status, 401)
+        self.assertTrue(one_more.transport.disconnecting)
+        self.assertFalse(one_more.transport.write_closed)
+        agents[0].hang_up()
+        self.assertEqual(face.site.guard.lingering, MAX_LINGERING_REFUSALS - 1)
+        face.clock.advance(REFUSED_LINGER_SECONDS)
+        for agent in agents[1:]:
+            self.assertTrue(agent.transport.aborted)
+
+
 class ConnectionCapTests(SynchronousTestCase):
     def test_past_the_face_cap_a_connection_is_answered_and_closed(self) -> None:
         face = FaceHarness({"limits": ConnectionLimits(max_connections=2, max_per_peer=2)})
@@ -389,6 +439,25 @@ class ConnectionCapTests(SynchronousTestCase):
 
 
 class AuditTests(SynchronousTestCase):
+    def test_an_unjudged_head_shows_only_known_words(self) -> None:
+        face = FaceHarness({"max_body": 100})
+        agent = face.connect()
+        with captured_log() as events:
+            agent.send(b"PO\x1b[2J\rST /x\x00y HTTP/1.1\r\nhost: x\r\n\r\n")
+        [line] = [e for e in events if e.get("log_namespace") == "credproxy.http.audit"]
+        self.assertEqual((line["method"], line["path"], line["status"]), ("-", "-", 400))
+
+    def test_a_body_read_as_a_head_never_reaches_the_log(self) -> None:
+        face = FaceHarness()
+        agent = face.connect()
+        body = b'{"content":"PROMPT-SECRET words"}\r\n\r\n'
+        with captured_log() as events:
+            agent.send(_head(b"host: x", b"content-length: 2") + body)  # 2 is short
+            face.upstream.requests[0].respond()
+        self.assertNotIn("PROMPT-SECRET", repr(events))
+        audits = [e for e in events if e.get("log_namespace") == "credproxy.http.audit"]
+        self.assertEqual(sorted(a["status"] for a in audits), [200, 400])
+
     def test_a_flood_of_refusals_writes_one_line_a_second_with_a_count(self) -> None:
         face = FaceHarness({"capability_token": Secret(TOKEN)})
         with captured_log() as events:
@@ -461,3 +530,28 @@ class EmbeddedResourceTests(SynchronousTestCase):
         agent.post(b'{"model":"m"}')
         [sent] = face.upstream.requests
         self.assertEqual(sent.body, b'{"model":"m"}')
+
+
+class BodyStorageTests(SynchronousTestCase):
+    def test_a_body_of_tiny_chunks_is_gathered_and_forwarded_whole(self) -> None:
+        face = FaceHarness()
+        agent = face.connect()
+        agent.send(_head(b"host: x", b"transfer-encoding: chunked"))
+        payload = bytes(range(256)) * 200  # 51 200 bytes as 1-byte chunks
+        agent.send(b"".join(b"1\r\n" + payload[i : i + 1] + b"\r\n" for i in range(len(payload))))
+        agent.send(b"0\r\n\r\n")
+        [sent] = face.upstream.requests
+        self.assertEqual(sent.body, payload)
+
+    def test_stored_chunks_stay_few_whatever_the_pieces(self) -> None:
+        from credproxy.http._body import MERGE_BELOW, RequestBody
+
+        body = RequestBody()
+        for _ in range(100_000):
+            body.write(b"x")
+        self.assertEqual(body.length, 100_000)
+        self.assertLessEqual(len(body.chunks), 100_000 // MERGE_BELOW + 1)
+        self.assertEqual(body.getvalue(), b"x" * 100_000)
+        whole = b"y" * MERGE_BELOW
+        body.write(whole)
+        self.assertIs(body.chunks[-1], whole)  # a whole read is kept as it is

@@ -617,6 +617,9 @@ class ScreenedProtocolTests(SynchronousTestCase):
             assert collected.ended is not None
             self.assertTrue(collected.ended.check(ResponseDone))  # that answer was whole
             self.assertTrue(connected.aborted, extra_in_same_read)
+            if extra_in_same_read:
+                # Never handed back to the pool, where another request would be written.
+                self.assertEqual(connected.quiescent, [])
 
     def test_bytes_after_a_bodyless_answer_close_the_connection(self) -> None:
         connected = Connected()

@@ -7,11 +7,11 @@ never takes the other's.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Final
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from credproxy._listen import PeerCredentials, peer_credentials
 
@@ -142,3 +142,55 @@ class FloodGate:
         """
         self._last[kind] = self._clock.seconds()
         return self._suppressed.pop(kind, 0)
+
+
+class FloodLog:
+    """
+    A L{FloodGate} that leaves no refusal uncounted: when a flood stops,
+    the count of its tail (the lines left out since the last one written)
+    goes to C{summarize(kind, count)} one interval later, or at L{stop}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        summarize: Callable[[str, int], None],
+        interval: float = FLOOD_LOG_INTERVAL,
+    ) -> None:
+        self._clock = clock
+        self._summarize = summarize
+        self._interval = interval
+        self._gate = FloodGate(clock, interval)
+        self._summaries: dict[str, IDelayedCall] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """
+        As L{FloodGate.admit}: None when this line of C{kind} (a fixed word)
+        must not be written, else how many like it were left out before it.
+        """
+        suppressed = self._gate.admit(kind)
+        if suppressed is None:
+            if kind not in self._summaries:
+                self._summaries[kind] = self._clock.callLater(self._interval, self._tail, kind)
+            return None
+        summary = self._summaries.pop(kind, None)
+        if summary is not None and summary.active():
+            summary.cancel()  # the line now written carries the count
+        return suppressed
+
+    def _tail(self, kind: str) -> None:
+        del self._summaries[kind]
+        left_out = self._gate.flush(kind)
+        if left_out:
+            self._summarize(kind, left_out)
+
+    def stop(self) -> None:
+        """
+        Write every summary still owed now and cancel its timer (at shutdown,
+        so no timer outlives the face and no count is lost).
+        """
+        for kind, summary in list(self._summaries.items()):
+            if summary.active():
+                summary.cancel()
+                self._tail(kind)
+        self._summaries.clear()

@@ -40,6 +40,7 @@ from credproxy.broker._lock_file import (
 )
 from credproxy.broker.credentials import BrokerCredentialSource, ICredentialSource
 from credproxy.http import HTTPFace, HTTPProxyConfig
+from credproxy.http._channel import MAX_LINGERING_REFUSALS as HTTP_LINGERING_REFUSALS
 from credproxy.oauth import (
     OAuthConfigError,
     build_providers,
@@ -55,6 +56,7 @@ from credproxy.stores import (
     open_host_stores,
 )
 from credproxy.wire import RPCFace
+from credproxy.wire._spec import MAX_LINGERING_REFUSALS as RPC_LINGERING_REFUSALS
 from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 log = Logger()
@@ -313,9 +315,17 @@ class CredproxyService(MultiService):
         config = self.config
         needed = _process.DESCRIPTOR_RESERVE
         if config.http_endpoints:
-            needed += config.http.limits.max_connections + config.http.max_upstream_connections
+            needed += (
+                config.http.limits.max_connections
+                + config.http.max_upstream_connections
+                + HTTP_LINGERING_REFUSALS
+            )
         if config.rpc_endpoints:
-            needed += config.rpc_limits.max_connections + config.max_pending_handshakes
+            needed += (
+                config.rpc_limits.max_connections
+                + config.max_pending_handshakes
+                + RPC_LINGERING_REFUSALS
+            )
         return needed
 
     def startService(self) -> None:

@@ -364,9 +364,12 @@ def test_the_service_asks_for_descriptors_for_every_cap() -> None:
         ),
         environ={},
     )
-    # 1024 HTTP connections, 512 upstream, 1024 credential socket, 32 handshaking, and the reserve.
-    assert both.descriptors_needed() == 1024 + 512 + 1024 + 32 + _process.DESCRIPTOR_RESERVE
+    # 1024 HTTP connections, 512 upstream, 1024 credential socket, 32 handshaking,
+    # 64 lingering refusals per face, and the reserve.
+    assert (
+        both.descriptors_needed() == 1024 + 512 + 1024 + 32 + 2 * 64 + _process.DESCRIPTOR_RESERVE
+    )
     http_only = CredproxyService(
         MemoryReactorClock(), CredproxyConfig(http_endpoints=("unix:address=/x/h",)), environ={}
     )
-    assert http_only.descriptors_needed() == 1024 + 512 + _process.DESCRIPTOR_RESERVE
+    assert http_only.descriptors_needed() == 1024 + 512 + 64 + _process.DESCRIPTOR_RESERVE

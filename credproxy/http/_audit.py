@@ -11,7 +11,7 @@ from typing import Final
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from credproxy._limits import FloodGate
+from credproxy._limits import FloodLog
 from credproxy.http._body import RequestBody
 from credproxy.http._usage import Usage
 
@@ -89,13 +89,14 @@ def audit(
 class RefusalAudit:
     """
     The audit lines of refusals, at most one per second per outcome (each
-    saying how many like it were left out), so a flood of bad requests
-    costs the log one line a second.
+    saying how many like it were left out, and a C{refusals_suppressed}
+    line for the tail of a flood), so a flood of bad requests costs the log
+    one line a second. One per face; L{stop} it with the face.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
-        self._gate = FloodGate(clock)
+        self._log = FloodLog(clock, self._summarize)
 
     def refused(
         self,
@@ -111,7 +112,7 @@ class RefusalAudit:
         """
         C{outcome} is one of a fixed set of words (the gate keeps one entry per word).
         """
-        suppressed = self._gate.admit(outcome)
+        suppressed = self._log.admit(outcome)
         if suppressed is None:
             return
         now = self._clock.seconds()
@@ -127,3 +128,18 @@ class RefusalAudit:
             suppressed=suppressed,
             detail=detail,
         )
+
+    @staticmethod
+    def _summarize(outcome: str, left_out: int) -> None:
+        audit_log.info(
+            "{line}",
+            line=f"refusals_suppressed outcome={outcome} suppressed={left_out}",
+            outcome=outcome,
+            suppressed=left_out,
+        )
+
+    def stop(self) -> None:
+        """
+        Write the counts still owed (at shutdown).
+        """
+        self._log.stop()

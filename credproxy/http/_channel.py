@@ -93,13 +93,15 @@ class FaceGuard:
     lingering: int = 0  # refused connections waiting for their peer to read the answer
 
     @classmethod
-    def for_config(cls, config: HTTPProxyConfig, clock: IReactorTime) -> FaceGuard:
+    def for_config(
+        cls, config: HTTPProxyConfig, clock: IReactorTime, refusals: RefusalAudit
+    ) -> FaceGuard:
         return cls(
             config=config,
             clock=clock,
             slots=ConnectionSlots(config.limits),
             budget=BodyBudget(config.max_buffered_bytes),
-            refusals=RefusalAudit(clock),
+            refusals=refusals,
         )
 
 

@@ -58,7 +58,8 @@ class ProxyResource(Resource):
         self._active: set[Exchange] = set()
         self._draining = False
         self._drained: list[Deferred[None]] = []
-        self._refusals = RefusalAudit(reactor)
+        # The face's refusal lines (the site's gate writes through it too).
+        self.refusals = RefusalAudit(reactor)
 
     def render(self, request: Request) -> bytes | int:
         started = self.reactor.seconds()
@@ -96,7 +97,7 @@ class ProxyResource(Resource):
         if kind is not ErrorKind.API:
             # A refused agent gets no second request on this connection.
             request.setHeader(b"connection", b"close")
-        self._refusals.refused(
+        self.refusals.refused(
             method=request.method,
             path=request.path,
             status=kind.status,

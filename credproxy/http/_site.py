@@ -35,7 +35,7 @@ class ProxySite(Site):
     def __init__(self, resource: ProxyResource, reactor: Any) -> None:
         super().__init__(resource, reactor=reactor, timeout=CONNECTION_IDLE_TIMEOUT)
         self.proxy = resource
-        self.guard = FaceGuard.for_config(resource.config, reactor)
+        self.guard = FaceGuard.for_config(resource.config, reactor, resource.refusals)
         self.pool: HTTPConnectionPool | None = None  # the upstream pool this site owns, if any
 
     def log(self, request: Any) -> None:
@@ -52,8 +52,10 @@ class ProxySite(Site):
 
     def close(self) -> Deferred[None]:
         """
-        Close the upstream connections this site owns.
+        Close the upstream connections this site owns, and write the
+        refusal counts still owed.
         """
+        self.guard.refusals.stop()
         if self.pool is None:
             return succeed(None)
         closed: Deferred[None] = self.pool.closeCachedConnections()

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from credproxy._limits import FLOOD_LOG_INTERVAL, FloodGate
+from credproxy._limits import FLOOD_LOG_INTERVAL, FloodLog
 from credproxy.wire._ops import AuditRecord
 
 audit_log: Final = Logger(namespace="credproxy.wire.audit")
@@ -49,50 +49,33 @@ def connection_event(connection: int, event: str, **details: object) -> None:
 
 class RefusalLog:
     """
-    The C{refused} lines of one server, through a L{FloodGate}: under a flood
-    of refusals the log gets at most one line a second per kind, and the
-    next line of that kind says (C{suppressed=N}) how many were left out.
-    When a flood stops, the count of its tail is written one interval later
-    in a C{refusals_suppressed} line, so no refusal goes uncounted.
+    The C{refused} lines of one server, through a L{FloodLog}: under a flood
+    of refusals the log gets at most one line a second per kind, the next
+    line of that kind says (C{suppressed=N}) how many were left out, and
+    the count of a flood's tail comes in a C{refusals_suppressed} line.
     """
 
     def __init__(self, clock: IReactorTime, interval: float = FLOOD_LOG_INTERVAL) -> None:
-        self._clock = clock
-        self._interval = interval
-        self._gate = FloodGate(clock, interval)
-        self._summaries: dict[str, IDelayedCall] = {}
+        self._log = FloodLog(clock, self._summarize, interval)
 
     def refused(self, connection: int, kind: str, **details: object) -> None:
         """
         One refusal of C{kind} (a fixed word, the gate keeps one entry per
         word); C{details} are numbers, booleans and fixed words only.
         """
-        suppressed = self._gate.admit(kind)
-        if suppressed is None:
-            if kind not in self._summaries:
-                self._summaries[kind] = self._clock.callLater(self._interval, self._summarize, kind)
-            return
-        summary = self._summaries.pop(kind, None)
-        if summary is not None and summary.active():
-            summary.cancel()  # this line carries the count
-        connection_event(connection, "refused", reason=kind, **details, suppressed=suppressed)
+        suppressed = self._log.admit(kind)
+        if suppressed is not None:
+            connection_event(connection, "refused", reason=kind, **details, suppressed=suppressed)
 
-    def _summarize(self, kind: str) -> None:
-        del self._summaries[kind]
-        left_out = self._gate.flush(kind)
-        if left_out:
-            connection_event(0, "refusals_suppressed", reason=kind, suppressed=left_out)
+    @staticmethod
+    def _summarize(kind: str, left_out: int) -> None:
+        connection_event(0, "refusals_suppressed", reason=kind, suppressed=left_out)
 
     def stop(self) -> None:
         """
-        Write every summary still owed now and cancel its timer (at shutdown,
-        so no timer outlives the server and no count is lost).
+        Write every summary still owed now (at shutdown).
         """
-        for kind, summary in list(self._summaries.items()):
-            if summary.active():
-                summary.cancel()
-                self._summarize(kind)
-        self._summaries.clear()
+        self._log.stop()
 
 
 def op_done(connection: int, record: AuditRecord, duration: float) -> None:

@@ -471,6 +471,28 @@ class AuditTests(SynchronousTestCase):
         self.assertEqual(lines[1]["suppressed"], 9)
         self.assertIn("suppressed=9", lines[1]["line"])
 
+    def test_the_tail_of_a_flood_is_counted_when_it_stops(self) -> None:
+        face = FaceHarness({"capability_token": Secret(TOKEN)})
+        with captured_log() as events:
+            for _ in range(5):
+                face.connect().post(key=b"wrong")
+            face.clock.advance(1)
+        lines = [e["line"] for e in events if e.get("log_namespace") == "credproxy.http.audit"]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[1], "refusals_suppressed outcome=bad_token suppressed=4")
+
+    def test_the_counts_owed_are_written_when_the_face_closes(self) -> None:
+        face = FaceHarness({"capability_token": Secret(TOKEN)})
+        with captured_log() as events:
+            for _ in range(3):
+                face.connect().post(key=b"wrong")
+            self.successResultOf(face.site.close())
+            at_close = [e["line"] for e in events if "line" in e]
+            face.clock.advance(5)  # its timer is gone: no second summary
+            later = [e["line"] for e in events if "line" in e]
+        self.assertEqual(at_close[-1], "refusals_suppressed outcome=bad_token suppressed=2")
+        self.assertEqual(later, at_close)
+
     def test_the_audit_path_is_cut_and_has_no_query(self) -> None:
         face = FaceHarness()
         agent = face.connect()

@@ -53,10 +53,7 @@ def reason_phrase(status: int) -> bytes:
     The standard reason phrase of C{status}: what the agent is sent whatever
     phrase the upstream wrote.
     """
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b"Unknown Status"
+    return _PHRASES.get(status, b"Unknown Status")
 
 
 def raw_error_response(
@@ -82,3 +79,6 @@ def raw_error_response(
         lines.append(b"retry-after: %d" % (retry_after,))
     lines.extend(name + b": " + value for name, value in extra_headers)
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from credproxy.http._errors import ErrorKind
+from credproxy.http._grammar import CONTENT_LENGTH, TCHAR, TOKEN
 
 # A request target (the path and query) longer than this gets 414. The
 # Messages API's paths are short; 8 KiB is what most servers allow.
@@ -31,17 +32,14 @@ MAX_HEADERS: Final = 100
 _MAX_METHOD: Final = 32
 MAX_REQUEST_LINE: Final = MAX_REQUEST_TARGET + _MAX_METHOD + len(b"  HTTP/1.1")
 
-_TCHAR: Final = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
 # Field values: visible ASCII, space, tab and obs-text; no other control byte.
 _VALUE: Final = rb"[\t\x20-\x7e\x80-\xff]*"
 _HEAD: Final = re.compile(
-    rb"([" + _TCHAR + rb"]{1,32}) (/[\x21-\x7e]*) HTTP/1\.([01])\r\n"
-    rb"((?:[" + _TCHAR + rb"]+:" + _VALUE + rb"\r\n)*)"
+    rb"([" + TCHAR + rb"]{1,32}) (/[\x21-\x7e]*) HTTP/1\.([01])\r\n"
+    rb"((?:[" + TCHAR + rb"]+:" + _VALUE + rb"\r\n)*)"
 )
-_TOKEN: Final = re.compile(rb"[" + _TCHAR + rb"]+")
 _FIELD_VALUE: Final = re.compile(_VALUE)
 _TARGET: Final = re.compile(rb"/[\x21-\x7e]*")
-_DIGITS: Final = re.compile(rb"[0-9]{1,19}")
 
 
 @dataclass(frozen=True)
@@ -65,13 +63,12 @@ class RequestHead:
     class with slots: one is built per request.)
     """
 
-    __slots__ = ("_block", "_lowered", "chunked", "content_length", "http11", "method", "target")
+    __slots__ = ("_block", "_lowered", "chunked", "content_length", "method", "target")
 
     def __init__(
         self,
         method: bytes,
         target: bytes,
-        http11: bool,
         content_length: int | None,
         chunked: bool,
         block: bytes,
@@ -79,7 +76,6 @@ class RequestHead:
     ) -> None:
         self.method = method
         self.target = target
-        self.http11 = http11
         self.content_length = content_length
         self.chunked = chunked
         # The header lines, each between CRLFs, as sent and lower-cased.
@@ -201,7 +197,7 @@ def parse_head(head: bytes) -> RequestHead | HeadRefusal:
     content_length: int | None = None
     if b"\r\ncontent-length:" in lowered:
         lengths = _values(block, lowered, b"content-length")
-        if len(lengths) != 1 or not _DIGITS.fullmatch(lengths[0]):
+        if len(lengths) != 1 or not CONTENT_LENGTH.fullmatch(lengths[0]):
             return _bad("Content-Length must be one decimal number.")
         content_length = int(lengths[0])
     chunked = False
@@ -218,7 +214,7 @@ def parse_head(head: bytes) -> RequestHead | HeadRefusal:
         if not http11:
             return _bad("Transfer-Encoding needs HTTP/1.1.")
         chunked = True
-    return RequestHead(method, target, http11, content_length, chunked, block, lowered)
+    return RequestHead(method, target, content_length, chunked, block, lowered)
 
 
 def _diagnose(head: bytes) -> HeadRefusal:
@@ -235,7 +231,7 @@ def _diagnose(head: bytes) -> HeadRefusal:
     method, target, version = parts
     if len(target) > MAX_REQUEST_TARGET:
         return URI_TOO_LONG
-    if not _TOKEN.fullmatch(method) or len(method) > _MAX_METHOD:
+    if not TOKEN.fullmatch(method) or len(method) > _MAX_METHOD:
         return _bad("Malformed request method.")
     if not _TARGET.fullmatch(target):
         return BAD_TARGET
@@ -249,7 +245,7 @@ def _diagnose(head: bytes) -> HeadRefusal:
         if line[:1] in (b" ", b"\t"):
             return _bad("Folded header lines are not allowed.")
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
+        if not colon or not TOKEN.fullmatch(name):
             return _bad("Malformed header name.")
         if not _FIELD_VALUE.fullmatch(value):
             return _bad("A header value holds a control character.")

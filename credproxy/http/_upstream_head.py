@@ -23,6 +23,8 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
+from credproxy.http._grammar import CONTENT_LENGTH, TCHAR
+
 # The bytes of all heads of one response (interim 1xx heads and the final
 # head, each with its blank line): the API's heads are about 1 KiB; a
 # larger one is an upstream that is broken or hostile, and is refused
@@ -45,8 +47,7 @@ FRAMING_HEADERS: Final = frozenset({b"connection", b"content-length", b"transfer
 
 SWITCHING_PROTOCOLS: Final = 101
 
-# RFC 9110 5.6.2 token characters.
-_TCHAR: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+_TCHAR: Final = rb"[" + TCHAR + rb"]"  # one token character
 # HTTP/1.0 or 1.1, a three-digit status from 100 to 599, and a reason
 # phrase of HTAB, SP, VCHAR and obs-text. The SP and phrase may be missing
 # altogether: RFC 9112's grammar wants the SP, but some servers and CDNs
@@ -62,7 +63,6 @@ _FIELD_BYTES: Final = bytes(b if b == 0x09 or 0x20 <= b != 0x7F else 0 for b in 
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A Content-Length item: digits only, at most 18 (under an exabyte: a longer
 # one is nonsense, and converting a huge digit string costs time).
-_DIGITS: Final = re.compile(rb"[0-9]{1,18}")
 _OWS: Final = b" \t"
 
 
@@ -156,7 +156,7 @@ def _check_framing(lowered: bytes) -> None:
         for value in _values(lowered, b"content-length", cl_spans):
             for item in value.split(b","):
                 item = item.strip(_OWS)
-                if not _DIGITS.fullmatch(item):
+                if not CONTENT_LENGTH.fullmatch(item):
                     raise MalformedResponseHead(HeadDefect.BAD_CONTENT_LENGTH)
                 lengths.add(int(item))
         if len(lengths) != 1:

@@ -67,6 +67,20 @@ class RefusalLog:
         if suppressed is not None:
             connection_event(connection, "refused", reason=kind, **details, suppressed=suppressed)
 
+    def closed_before_handshake(self, connection: int, reason: str) -> None:
+        """
+        A connection that went without a handshake (and without a refusal):
+        its one C{closed} line, flood-gated like a refusal, so a flood of
+        connections that never handshake stays a trickle in the log.
+        C{reason} is a L{CloseReason} word or C{peer}.
+        """
+        kind = "closed_before_handshake_" + reason
+        suppressed = self._log.admit(kind)
+        if suppressed is not None:
+            connection_event(
+                connection, "closed", reason=reason, handshaken=False, suppressed=suppressed
+            )
+
     @staticmethod
     def _summarize(kind: str, left_out: int) -> None:
         connection_event(0, "refusals_suppressed", reason=kind, suppressed=left_out)

@@ -254,6 +254,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._last_activity = 0.0
         self._close_reason: str | None = None
         self._announced = False  # a "connected" line was written, so a "closed" one is owed
+        self._refused = False  # a "refused" line was written: it is the connection's last
         # Who the peer is for counting (L{peer_key}), and what it holds.
         self.peer: Hashable | None = None
         self.peer_uid: int | None = None
@@ -281,6 +282,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         if credentials is not None and not factory.serves_uid(credentials.uid):
             # Another uid learns nothing, not even why: closed without a reply.
             factory.refusals.refused(self.number, CloseReason.PEER_UID, peer_uid=self.peer_uid)
+            self._refused = True
             self._close_reason = CloseReason.PEER_UID
             self._state = _State.CLOSING
             self._transport.loseConnection()
@@ -292,8 +294,8 @@ class CredentialServerProtocol(Int32StringReceiver):
             # no connected/closed pair, so a connection flood stays a trickle.
             self._refuse_connection(refusal)
             return
-        self._announced = True
-        _audit.connection_event(self.number, "connected", peer_uid=self.peer_uid)
+        # Its "connected" line waits for the handshake: a peer that never
+        # handshakes writes only a flood-gated line when it goes.
         self._transport.registerProducer(self, True)
         self._handshake_timer = self._clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
@@ -307,10 +309,14 @@ class CredentialServerProtocol(Int32StringReceiver):
         pending, self._in_flight = self._in_flight, {}
         for entry in pending.values():
             self._abandon(entry, Status.CANCELLED)
+        close_reason = self._close_reason or "peer"
         if self._announced:
             _audit.connection_event(
-                self.number, "closed", reason=self._close_reason or "peer", abandoned=len(pending)
+                self.number, "closed", reason=close_reason, abandoned=len(pending)
             )
+        elif not self._refused:
+            # Never handshaken, and not refused (a refusal wrote its line).
+            self.factory.refusals.closed_before_handshake(self.number, close_reason)
         self.factory.connection_lost(self)
 
     def _cancel_timers(self) -> None:
@@ -491,6 +497,8 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._last_activity = self._clock.seconds()
         self._idle_timer = self._clock.callLater(CONNECTION_IDLE_TIMEOUT, self._check_idle)
         self._transport.write(frame(encode_json(_handshake.accepted(version))))
+        self._announced = True
+        _audit.connection_event(self.number, "connected", peer_uid=self.peer_uid)
         _audit.connection_event(self.number, "handshake", version=version, sandbox=self.sandbox)
 
     def evict(self) -> None:
@@ -512,6 +520,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         """
         self._state = _State.REJECTED
         self._close_reason = refusal.close_reason
+        self._refused = True
         self._unprocessed = b""
         self._frames = []
         self._cancel_timers()

@@ -574,3 +574,30 @@ class RealClientTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(answers[0]), {"providers": []})
         error = self.failureResultOf(answers[1], ProxyRequestError).value
         self.assertEqual(error.code, "RESOURCE_EXHAUSTED")
+
+
+class UnhandshakenLineTests(SynchronousTestCase):
+    def test_connections_that_never_handshake_are_a_trickle_in_the_log(self) -> None:
+        factory = _factory(Clock(), pending=100)
+        clock = factory.reactor
+        assert isinstance(clock, Clock)
+        with captured_log() as events:
+            for _ in range(50):  # connect and go, within the caps
+                _connect(factory).lose()
+            clock.advance(FLOOD_LOG_INTERVAL)
+        self.assertEqual(_events(events, "connected"), [])
+        closed = _events(events, "closed")
+        self.assertEqual([(e["reason"], e["handshaken"]) for e in closed], [("peer", False)])
+        [tail] = _events(events, "refusals_suppressed")
+        self.assertEqual(tail["suppressed"], 49)
+        self.assertEqual(_counts(factory), (0, 0, 0))
+
+    def test_a_handshaken_connection_writes_its_three_lines(self) -> None:
+        factory = _factory(Clock())
+        with captured_log() as events:
+            connection = _connect(factory).open()
+            connection.lose()
+        self.assertEqual(
+            [e["event"] for e in events if e.get("event") in ("connected", "handshake", "closed")],
+            ["connected", "handshake", "closed"],
+        )

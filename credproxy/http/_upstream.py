@@ -279,8 +279,7 @@ class UpstreamSlots:
         Fires (at once when one is free) when the caller holds a slot, which
         it must give back with L{release}; or fails with L{NoUpstreamSlot}.
         """
-        if self.in_use < self.limit and not self._waiters:
-            self.in_use += 1
+        if self.try_acquire():
             return succeed(None)
         if len(self._waiters) >= self.max_waiting:
             return fail(NoUpstreamSlot(QUEUE_FULL))

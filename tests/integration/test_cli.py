@@ -320,13 +320,25 @@ def finish(process: subprocess.Popen[bytes], code: str, seen: bytearray) -> tupl
     return process.returncode, (bytes(seen) + out).decode(), err.decode()
 
 
-@pytest_twisted.ensureDeferred
-async def test_login_stores_the_token_where_a_running_service_sees_it(socket_dir: str) -> None:
+def _oauth_server(
+    socket_dir: str, device_interval: float | None = None
+) -> tuple[FakeOAuthServer, str]:
+    """
+    A token endpoint on loopback, and the providers' file pointing at it.
+    """
     server = FakeOAuthServer(reactor)
+    if device_interval is not None:
+        server.device_interval = device_interval
     server.listen(reactor)
     config = os.path.join(socket_dir, "oauth.toml")
     with open(config, "w") as f:
         f.write(server.oauth_toml())
+    return server, config
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_stores_the_token_where_a_running_service_sees_it(socket_dir: str) -> None:
+    server, config = _oauth_server(socket_dir)
     state = os.path.join(socket_dir, "state")
     stores = ("--store", "file", "--state-dir", state, "--config", config)
     running = serve(socket_dir, *stores)
@@ -392,11 +404,7 @@ async def test_login_stores_the_token_where_a_running_service_sees_it(socket_dir
 
 @pytest_twisted.ensureDeferred
 async def test_a_login_whose_input_closes_ends_with_status_1(socket_dir: str) -> None:
-    server = FakeOAuthServer(reactor)
-    server.listen(reactor)
-    config = os.path.join(socket_dir, "oauth.toml")
-    with open(config, "w") as f:
-        f.write(server.oauth_toml())
+    server, config = _oauth_server(socket_dir)
     state = os.path.join(socket_dir, "state")
     try:
         result = await deferToThread(
@@ -421,12 +429,8 @@ async def test_a_login_whose_input_closes_ends_with_status_1(socket_dir: str) ->
 
 @pytest_twisted.ensureDeferred
 async def test_a_device_code_login_waits_for_the_approval(socket_dir: str) -> None:
-    server = FakeOAuthServer(reactor)
-    server.device_interval = 0.2  # polls a fifth of a second apart, not five seconds
-    server.listen(reactor)
-    config = os.path.join(socket_dir, "oauth.toml")
-    with open(config, "w") as f:
-        f.write(server.oauth_toml("fake-device"))
+    # Polls a fifth of a second apart, not five seconds.
+    server, config = _oauth_server(socket_dir, device_interval=0.2)
     stores = ("--store", "file", "--state-dir", os.path.join(socket_dir, "state"))
     login = subprocess.Popen(
         [CREDPROXY, "login", "fake-device", "--bucket", "team", *stores, "--config", config],
@@ -470,11 +474,7 @@ async def test_a_device_code_login_waits_for_the_approval(socket_dir: str) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_ctrl_c_during_a_login_calls_it_off_with_status_130(socket_dir: str) -> None:
-    server = FakeOAuthServer(reactor)
-    server.listen(reactor)
-    config = os.path.join(socket_dir, "oauth.toml")
-    with open(config, "w") as f:
-        f.write(server.oauth_toml())
+    server, config = _oauth_server(socket_dir)
     state = os.path.join(socket_dir, "state")
     stores = ("--store", "file", "--state-dir", state, "--config", config)
     login = subprocess.Popen(

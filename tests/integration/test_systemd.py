@@ -28,6 +28,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from tests.integration.unprivileged import NOBODY, SYSTEM_PYTHON, post_as_nobody
 from tests.integration.upstream import Upstream
 
 pytestmark = pytest.mark.slow
@@ -37,9 +38,6 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 API_KEY = "sk-ant-api03-systemd-test-key-0123456789"
 ACTIVATE = shutil.which("systemd-socket-activate")
 ANALYZE = shutil.which("systemd-analyze")
-NOBODY = 65534
-# The client of another uid cannot reach root's virtualenv; the system interpreter will do.
-SYSTEM_PYTHON = "/usr/bin/python3"
 # twistd stops cleanly on SIGTERM and then re-raises it, so its status is the signal.
 STOPPED_BY_SIGTERM = (0, -signal.SIGTERM)
 # What a start that chmods the socket would leave: credproxy's own mode, or Twisted's.
@@ -180,33 +178,6 @@ def post_messages(path: str) -> int:
         connection.close()
 
 
-PEER_CLIENT = """
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(30)
-s.connect(sys.argv[1])
-body = json.dumps({"model": "m", "max_tokens": 1, "messages": []}).encode()
-s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
-          b"x-api-key: p\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
-data = b""
-while chunk := s.recv(65536):
-    data += chunk
-print(data.split(b" ")[1].decode())
-"""
-
-
-def as_nobody(path: str) -> str:
-    result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", PEER_CLIENT, path],
-        user=NOBODY,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip()
-
-
 @pytest.fixture
 def runtime(socket_dir: str) -> Iterator[str]:
     yield socket_dir
@@ -255,7 +226,7 @@ async def test_an_activated_socket_refuses_a_peer_of_another_uid(
         assert await deferToThread(post_messages, path) == 200  # starts twistd
         os.chmod(runtime, 0o755)  # noqa: S103 - the test's own throwaway directory
         os.chmod(path, 0o666)  # noqa: S103 - so that the kernel check, not the mode, decides
-        assert await deferToThread(as_nobody, path) == "403"
+        assert await deferToThread(post_as_nobody, path) == "403"
         assert len(upstream.received) == 1  # nothing of the refused peer went upstream
         assert "peer_refused model=None" in running.output()
         assert f"peer_uid={NOBODY}" in running.output()

@@ -28,6 +28,39 @@ NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
 SCRIPTS = ("twistd", "credproxy")
 
+# A Messages request to the HTTP face's Unix socket (argv[1]), from a process
+# of another uid; it prints the answer's status. Only the standard library:
+# the system interpreter runs it.
+_PEER_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+body = json.dumps({"model": "m", "max_tokens": 1, "messages": []}).encode()
+s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
+          b"x-api-key: p\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b" ")[1].decode())
+"""
+
+
+def post_as_nobody(path: str) -> str:
+    """
+    The status the HTTP face at C{path} answers a request from uid L{NOBODY}.
+    """
+    result = subprocess.run(
+        [SYSTEM_PYTHON, "-c", _PEER_CLIENT, path],
+        user=NOBODY,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
 # What a start needs, exactly as the tests run it: the interpreter, which
 # starts twistd credproxy and credproxy, both of which load the package.
 PROBE = (

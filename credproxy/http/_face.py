@@ -14,7 +14,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
 )
@@ -28,6 +27,7 @@ from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._resource import ProxyResource
 from credproxy.http._site import ProxySite
 from credproxy.http._upstream import ScreenedConnectionPool
+from credproxy.http._upstream_agent import UpstreamAgent
 
 # Agents keep several streams open at once; Twisted's default of 2 persistent
 # connections per host would close every connection beyond two after each answer.
@@ -87,9 +87,9 @@ class UpstreamEndpoints:
 
 def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPConnectionPool]:
     """
-    The upstream client: Twisted's Agent over a pool whose connections
+    The upstream client: an L{UpstreamAgent} over a pool whose connections
     screen every response head (L{ScreenedConnectionPool}), verifying TLS,
-    following no redirect, adding no header of its own.
+    following no redirect, adding no header of its own but I{Host}.
     """
     pool = ScreenedConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
@@ -99,7 +99,7 @@ def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPC
         BrowserLikePolicyForHTTPS(),  # verifies against the platform's trust
         config.connect_timeout,
     )
-    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+    agent = UpstreamAgent(endpoints, pool)
     return agent, pool
 
 

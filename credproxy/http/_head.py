@@ -63,7 +63,15 @@ class RequestHead:
     class with slots: one is built per request.)
     """
 
-    __slots__ = ("_block", "_lowered", "chunked", "content_length", "method", "target")
+    __slots__ = (
+        "_block",
+        "_lowered",
+        "chunked",
+        "content_length",
+        "method",
+        "target",
+        "version",
+    )
 
     def __init__(
         self,
@@ -73,9 +81,11 @@ class RequestHead:
         chunked: bool,
         block: bytes,
         lowered: bytes,
+        version: bytes = b"HTTP/1.1",
     ) -> None:
         self.method = method
         self.target = target
+        self.version = version
         self.content_length = content_length
         self.chunked = chunked
         # The header lines, each between CRLFs, as sent and lower-cased.
@@ -102,6 +112,16 @@ class RequestHead:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """
+        Every header as sent (name, value without surrounding whitespace), in order.
+        """
+        fields = []
+        for line in self._block.split(b"\r\n")[1:-1]:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+        return fields
 
 
 def _values(block: bytes, lowered: bytes, name: bytes) -> list[bytes]:
@@ -214,7 +234,8 @@ def parse_head(head: bytes) -> RequestHead | HeadRefusal:
         if not http11:
             return _bad("Transfer-Encoding needs HTTP/1.1.")
         chunked = True
-    return RequestHead(method, target, content_length, chunked, block, lowered)
+    version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
+    return RequestHead(method, target, content_length, chunked, block, lowered, version)
 
 
 def _diagnose(head: bytes) -> HeadRefusal:

@@ -9,7 +9,8 @@ This leans on private Twisted API (``twisted.web._newclient``:
 ``HTTP11ClientProtocol._parser``, ``_disconnectParser``, ``_finishResponse_WAITING``
 and its stateful ``connectionLost``;
 ``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``;
-``twisted.web.http._MalformedChunkedDataError``). tests/http/test_upstream_screen.py
+``twisted.web.http._MalformedChunkedDataError``; ``HTTPClientParser._transferDecoders``,
+the table its parser picks a body decoder from). tests/http/test_upstream_screen.py
 pins each, so a Twisted upgrade that moves one fails there first.
 """
 
@@ -27,6 +28,7 @@ from twisted.web._newclient import HTTP11ClientProtocol, ParseError
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import _MalformedChunkedDataError
 
+from credproxy.http._chunked import ChunkedDecoder
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._upstream_head import MalformedResponseHead, ResponseHeadScreen
 
@@ -36,6 +38,10 @@ log = Logger(namespace="credproxy.http")
 PARSER_REFUSED_HEAD: Final = "PARSER_REFUSED_HEAD"  # Twisted's parser raised on a screened head
 BAD_CHUNKED_FRAMING: Final = "BAD_CHUNKED_FRAMING"  # the body's chunked framing is broken
 UNSOLICITED_BYTES: Final = "UNSOLICITED_BYTES"  # bytes after a complete answer
+
+# The body decoders the client's parser chooses from (by Transfer-Encoding):
+# ours for chunked, which is one call per read rather than per chunk.
+_TRANSFER_DECODERS: Final = {b"chunked": ChunkedDecoder}
 
 # How UpstreamSlots says why no slot was had.
 WAIT_TIMEOUT: Final = "wait_timeout"
@@ -101,7 +107,11 @@ class ScreenedHTTP11ClientProtocol(HTTP11ClientProtocol):
     def request(self, request: Any) -> Deferred[Any]:
         if self.state == "QUIESCENT":
             self._screen.reset()  # a new answer on a persistent connection
-        return super().request(request)
+        answer = super().request(request)
+        if self._parser is not None:
+            # The parser is made by the request; the answer is read later.
+            self._parser._transferDecoders = _TRANSFER_DECODERS  # type: ignore[assignment]
+        return answer
 
     def dataReceived(self, data: bytes) -> None:
         if self._failure is not None:

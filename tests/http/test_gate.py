@@ -577,3 +577,87 @@ class BodyStorageTests(SynchronousTestCase):
         whole = b"y" * MERGE_BELOW
         body.write(whole)
         self.assertIs(body.chunks[-1], whole)  # a whole read is kept as it is
+
+
+class HandOverTests(SynchronousTestCase):
+    """
+    The judged head reaches twisted.web without a second parse: the request
+    it makes must be the one twisted.web's own parser would have made.
+    """
+
+    def setUp(self) -> None:
+        self.face = FaceHarness()
+
+    def test_headers_reach_the_request_as_sent_in_order(self) -> None:
+        agent = self.face.connect()
+        agent.send(
+            _head(
+                b"Host: x",
+                b"anthropic-beta: first-2025",
+                b"Anthropic-Version:   2023-06-01 \t",
+                b"anthropic-beta: second-2025",
+                b"content-type: application/json",
+                b"content-length: 2",
+            )
+            + b"{}"
+        )
+        [sent] = self.face.upstream.requests
+        self.assertEqual(
+            sent.headers.getRawHeaders(b"anthropic-beta"), [b"first-2025", b"second-2025"]
+        )
+        self.assertEqual(sent.headers.getRawHeaders(b"anthropic-version"), [b"2023-06-01"])
+        self.assertEqual(sent.uri, b"http://upstream.invalid/v1/messages")
+
+    def test_the_query_is_kept_in_the_target(self) -> None:
+        agent = self.face.connect()
+        agent.send(
+            _head(
+                b"host: x",
+                b"content-length: 2",
+                request_line=b"POST /v1/messages?beta=true HTTP/1.1",
+            )
+            + b"{}"
+        )
+        [sent] = self.face.upstream.requests
+        self.assertEqual(sent.uri, b"http://upstream.invalid/v1/messages?beta=true")
+
+    def test_an_http_1_0_request_is_answered_and_closed(self) -> None:
+        agent = self.face.connect()
+        agent.send(_head(b"content-length: 2", request_line=b"POST /v1/messages HTTP/1.0") + b"{}")
+        [sent] = self.face.upstream.requests
+        sent.respond(body=b'{"ok":1}', headers={b"content-type": [b"application/json"]})
+        response = _only(agent)
+        self.assertEqual(response.status, 200)
+        self.assertTrue(agent.received.startswith(b"HTTP/1.0 200 "))
+        self.assertTrue(agent.transport.disconnecting)
+
+    def test_a_bodyless_request_is_forwarded_at_once_and_the_next_one_follows(self) -> None:
+        agent = self.face.connect()
+        agent.send(_head(b"host: x") + _head(b"host: x", b"content-length: 2") + b"{}")
+        self.assertEqual(len(self.face.upstream.requests), 1)
+        self.assertEqual(self.face.upstream.requests[0].body, b"")
+        self.face.upstream.requests[0].respond()
+        self.assertEqual(len(self.face.upstream.requests), 2)
+        self.assertEqual(self.face.upstream.requests[1].body, b"{}")
+
+    def test_the_body_in_the_same_read_as_the_head_is_the_requests(self) -> None:
+        agent = self.face.connect()
+        agent.send(_head(b"host: x", b"content-length: 5") + b"12345")
+        [sent] = self.face.upstream.requests
+        self.assertEqual(sent.body, b"12345")
+
+    def test_the_private_names_relied_on_exist(self) -> None:
+        from twisted.web import http
+
+        channel = http.HTTPChannel()
+        self.assertEqual(channel._HTTPChannel__first_line, 1)  # type: ignore[attr-defined]
+        self.assertIsNone(channel._transferDecoder)
+        self.assertEqual(channel.length, 0)
+        self.assertEqual(channel.requests, [])
+        self.assertTrue(callable(channel._finishRequestBody))
+        self.assertTrue(callable(http._IdentityTransferDecoder))
+        self.assertTrue(callable(http._ChunkedTransferDecoder))
+        # allContentReceived reads and deletes these three.
+        source = http.HTTPChannel.allContentReceived.__code__.co_names
+        for name in ("_command", "_path", "_version"):
+            self.assertIn(name, source)

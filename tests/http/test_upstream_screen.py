@@ -36,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from credproxy.http._body import BodyProducer, RequestBody
+from credproxy.http._chunked import ChunkedDecoder
 from credproxy.http._upstream import (
     BAD_CHUNKED_FRAMING,
     PARSER_REFUSED_HEAD,
@@ -714,3 +715,17 @@ class PoolTests(SynchronousTestCase):
         self.assertTrue(callable(HTTP11ClientProtocol._connectionLost_WAITING))
         self.assertTrue(callable(HTTP11ClientProtocol._disconnectParser))
         self.assertTrue(issubclass(_MalformedChunkedDataError, Exception))
+        self.assertIn(b"chunked", _newclient.HTTPClientParser._transferDecoders)
+
+    def test_a_chunked_answer_is_read_with_credproxys_decoder(self) -> None:
+        connected = Connected()
+        answers, _ = connected.request()
+        connected.protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"
+        )
+        (response,) = answers
+        collector = body_of(response)
+        self.assertIsInstance(connected.protocol._parser.bodyDecoder, ChunkedDecoder)
+        connected.protocol.dataReceived(b"1\r\nc\r\n0\r\n\r\n")
+        self.assertEqual(collector.data, b"abc")
+        self.assertIsNotNone(collector.ended)

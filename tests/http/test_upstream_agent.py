@@ -1,0 +1,172 @@
+"""
+The upstream hop's agent: what it writes on the wire (the path and query,
+one I{Host}), what it refuses before connecting, the origin parsed once,
+and redirects delivered, never followed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import Request as ClientRequest
+from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from credproxy.http._body import BodyProducer, RequestBody
+from credproxy.http._upstream import ScreenedConnectionPool
+from credproxy.http._upstream_agent import MAX_CACHED_ORIGINS, UpstreamAgent
+
+
+class StringEndpoint:
+    """
+    Connects at once, each connection on a StringTransport of its own.
+    """
+
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 80))
+        transport = StringTransport()
+        assert protocol is not None
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+class RecordingEndpoints:
+    """
+    An endpoint factory that counts what it is asked for.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[URI] = []
+        self.endpoint = StringEndpoint()
+
+    def endpointForURI(self, uri: URI) -> StringEndpoint:
+        self.asked.append(uri)
+        return self.endpoint
+
+
+class UpstreamAgentTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.endpoints = RecordingEndpoints()
+        self.agent = UpstreamAgent(self.endpoints, ScreenedConnectionPool(Clock()))
+
+    def send(
+        self, uri: bytes, headers: Headers | None = None, method: bytes = b"POST"
+    ) -> tuple[list[IResponse], list[Failure]]:
+        answers: list[IResponse] = []
+        failures: list[Failure] = []
+        d = self.agent.request(method, uri, headers, BodyProducer(RequestBody([b"{}"])))
+        d.addCallbacks(answers.append, failures.append)
+        return answers, failures
+
+    def wire(self, index: int = 0) -> bytes:
+        return self.endpoints.endpoint.transports[index].value()
+
+    def test_the_path_and_query_are_the_request_target(self) -> None:
+        self.send(b"http://upstream.example:8080/v1/messages?beta=true")
+        head = self.wire().split(b"\r\n\r\n")[0].split(b"\r\n")
+        self.assertEqual(head[0], b"POST /v1/messages?beta=true HTTP/1.1")
+        self.assertIn(b"host: upstream.example:8080", [line.lower() for line in head])
+
+    def test_the_host_value_leaves_out_a_default_port_and_brackets_ipv6(self) -> None:
+        for uri, host in [
+            (b"https://api.example/v1/messages", b"api.example"),
+            (b"http://api.example/v1/messages", b"api.example"),
+            (b"http://api.example:443/v1/messages", b"api.example:443"),
+            (b"http://[::1]:8080/v1/messages", b"[::1]:8080"),
+        ]:
+            agent = UpstreamAgent(self.endpoints, ScreenedConnectionPool(Clock()))
+            agent.request(b"POST", uri, None, BodyProducer(RequestBody([b"{}"])))
+            sent = self.endpoints.endpoint.transports[-1].value().lower()
+            self.assertIn(b"\r\nhost: " + host + b"\r\n", sent, uri)
+
+    def test_a_url_without_a_path_asks_for_the_root(self) -> None:
+        self.send(b"http://upstream.example")
+        self.assertTrue(self.wire().startswith(b"POST / HTTP/1.1\r\n"))
+
+    def test_the_callers_headers_are_not_changed(self) -> None:
+        headers = Headers({b"x-api-key": [b"sk-ant-api03-real"]})
+        self.send(b"http://upstream.example/v1/messages", headers)
+        self.assertFalse(headers.hasHeader(b"host"))
+        self.assertIn(b"\r\nX-Api-Key: sk-ant-api03-real\r\n", self.wire())
+
+    def test_a_host_the_caller_gave_is_the_one_sent(self) -> None:
+        self.send(b"http://127.0.0.1:8080/v1/messages", Headers({b"host": [b"api.example"]}))
+        sent = self.wire().lower()
+        self.assertEqual(sent.count(b"\r\nhost:"), 1)
+        self.assertIn(b"\r\nhost: api.example\r\n", sent)
+
+    def test_a_bad_url_or_method_fails_without_connecting(self) -> None:
+        for method, uri in [
+            (b"POST", b"/v1/messages"),  # not absolute
+            (b"POST", b"ftp://upstream.example/v1/messages"),
+            (b"POST", b"http:///v1/messages"),  # no host
+            (b"POST", b"http://upstream.example/v1/messa ges"),
+            (b"POST", b"http://upstream.example/v1/\x00"),
+            (b"POST", b"http://upstream.example/v1/\r\nx-evil: 1"),
+            (b"POST", b"http://upstream.example/v1/\xc3\xa9"),
+            (b"POST", b"http://upstream.exa mple/v1/messages"),
+            (b"PO ST", b"http://upstream.example/v1/messages"),
+            (b"", b"http://upstream.example/v1/messages"),
+        ]:
+            answers, failures = self.send(uri, method=method)
+            self.assertEqual(answers, [])
+            (failure,) = failures
+            self.assertIsInstance(failure.value, ValueError, (method, uri))
+        self.assertEqual(self.endpoints.endpoint.transports, [])
+
+    def test_an_origin_is_parsed_and_its_endpoint_found_once(self) -> None:
+        self.send(b"http://upstream.example/v1/messages")
+        self.send(b"http://upstream.example/v1/messages/count_tokens?x=1")
+        self.assertEqual(len(self.endpoints.asked), 1)
+        self.assertEqual(self.endpoints.asked[0].host, b"upstream.example")
+
+    def test_the_origin_cache_is_bounded(self) -> None:
+        for port in range(MAX_CACHED_ORIGINS + 3):
+            self.send(b"http://upstream.example:%d/v1/messages" % (8000 + port,))
+        self.assertLessEqual(len(self.agent._origins), MAX_CACHED_ORIGINS)
+        self.assertEqual(len(self.endpoints.asked), MAX_CACHED_ORIGINS + 3)
+
+    def test_a_redirect_is_the_answer_and_is_not_followed(self) -> None:
+        answers, failures = self.send(b"http://upstream.example/v1/messages")
+        self.endpoints.endpoint.protocols[0].dataReceived(
+            b"HTTP/1.1 307 Temporary Redirect\r\n"
+            b"Location: http://elsewhere.example/v1/messages\r\n"
+            b"Content-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(failures, [])
+        (response,) = answers
+        self.assertEqual(response.code, 307)
+        self.assertEqual(len(self.endpoints.endpoint.transports), 1)
+        self.assertEqual(self.wire().count(b"POST "), 1)
+        self.assertEqual(len(self.endpoints.asked), 1)
+
+    def test_a_kept_alive_connection_serves_the_next_request(self) -> None:
+        answers, _ = self.send(b"http://upstream.example/v1/messages")
+        self.endpoints.endpoint.protocols[0].dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        self.assertEqual(len(answers), 1)
+        self.send(b"http://upstream.example/v1/messages")
+        self.assertEqual(len(self.endpoints.endpoint.transports), 1)
+        self.assertEqual(self.wire().count(b"POST /v1/messages HTTP/1.1"), 2)
+
+    def test_the_private_constructor_relied_on_exists(self) -> None:
+        request = ClientRequest._construct(
+            b"POST", b"/", Headers({b"host": [b"h"]}), None, persistent=True, parsedURI=None
+        )
+        self.assertTrue(request.persistent)
+        self.assertIsNone(request._parsedURI)

@@ -95,13 +95,24 @@ class ChunkedDecoder:
                 if match is None:
                     self._hold_line(data, position, MAX_CHUNK_LINE)
                     return
-                position = match.end()
-                size = int(match.group(1), 16)
-                if size:
-                    self._remaining = size
-                    self._state = _DATA
-                else:
+                start = match.end()
+                size = int(match[1], 16)
+                if not size:
                     self._state = _TRAILER
+                    position = start
+                    continue
+                stop = start + size
+                if stop + 2 <= end:
+                    # The whole chunk and its CRLF are here (the usual case
+                    # for events): taken in one step.
+                    if not data.startswith(b"\r\n", stop):
+                        raise _MalformedChunkedDataError("chunk data not followed by CRLF")
+                    pieces.append(data[start:stop])
+                    position = stop + 2
+                    continue
+                self._remaining = size
+                self._state = _DATA
+                position = start
             elif state == _DATA_END:
                 if end - position < 2:
                     if data[position:] != b"\r"[: end - position]:

@@ -42,28 +42,43 @@ class SSEUsageParser:
         self._skipping = False  # inside an over-long line, until its newline
 
     def feed(self, data: bytes) -> None:
-        if self._skipping:
+        start = 0
+        if self._skipping or self._tail:
             newline = data.find(b"\n")
             if newline < 0:
+                if not self._skipping:
+                    self._hold(self._tail + data)
                 return
-            self._skipping = False
-            data = data[newline + 1 :]
-        buffer = self._tail + data if self._tail else data
-        cut = buffer.rfind(b"\n")
-        if cut < 0:
-            if len(buffer) > MAX_SSE_LINE:
-                self._tail, self._skipping = b"", True
-            else:
-                self._tail = buffer
-            return
-        complete, self._tail = buffer[:cut], buffer[cut + 1 :]
-        if len(self._tail) > MAX_SSE_LINE:
+            if not self._skipping:
+                self._line(self._tail + data[:newline])
+            self._tail, self._skipping = b"", False
+            start = newline + 1
+        cut = data.rfind(b"\n", start)
+        if cut >= 0:
+            # Only the lines holding the marker are looked at; the rest of
+            # the read is searched (in C), never copied.
+            marker = data.find(b'"message_', start, cut)
+            while marker >= 0:
+                line_start = data.rfind(b"\n", start, marker) + 1 or start
+                line_end = data.find(b"\n", marker, cut + 1)
+                self._line(data[line_start:line_end])
+                marker = data.find(b'"message_', line_end, cut)
+            start = cut + 1
+        if start < len(data):
+            self._hold(data[start:])
+
+    def _hold(self, partial: bytes) -> None:
+        """
+        Keep the start of a line for the next read, unless it is over-long.
+        """
+        if len(partial) > MAX_SSE_LINE:
             self._tail, self._skipping = b"", True
-        if b'"message_' not in complete:
-            return
-        for line in complete.split(b"\n"):
-            if line.startswith(b"data:") and any(marker in line for marker in _INTERESTING):
-                self._event(line[5:])
+        else:
+            self._tail = partial
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"data:") and any(marker in line for marker in _INTERESTING):
+            self._event(line[5:])
 
     def _event(self, payload: bytes) -> None:
         try:

@@ -127,6 +127,10 @@ class BodyProducer:
         self._body = body
         self.length = body.length
 
+    @property
+    def chunks(self) -> list[bytes]:
+        return self._body.chunks
+
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         for chunk in self._body.chunks:
             consumer.write(chunk)

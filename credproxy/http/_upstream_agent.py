@@ -11,17 +11,19 @@ the wire is the same: the same protocol (L{ScreenedHTTP11ClientProtocol}
 through the pool), the same request object, no redirect followed, no header
 added but I{Host}.
 
-This leans on one private Twisted name, C{twisted.web._newclient.Request._construct}
-(what C{Agent} itself uses); tests/http/test_upstream_agent.py pins it.
+This leans on private Twisted names: C{twisted.web._newclient.Request._construct}
+(what C{Agent} itself uses) and C{Request._writeHeaders}, which a request
+whose body is in memory writes its head with (L{HeldBodyRequest});
+tests/http/test_upstream_agent.py pins both.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web._newclient import Request as ClientRequest
@@ -30,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from credproxy.http._body import BodyProducer
 from credproxy.http._grammar import TOKEN
 
 # Origins kept parsed: the face uses one; the bound keeps a caller that
@@ -62,6 +65,22 @@ def _host_value(uri: URI) -> bytes:
     if (uri.scheme, uri.port) in _DEFAULT_PORTS:
         return host
     return b"%b:%d" % (host, uri.port)
+
+
+class HeldBodyRequest(ClientRequest):
+    """
+    A request whose body is already in memory (a L{BodyProducer}): written
+    with its head in one go, as Twisted writes any request with a
+    Content-Length, without the producer and consumer machinery (a length
+    enforcer, a producer registered on the connection, three Deferreds)
+    that a body still being produced needs.
+    """
+
+    def writeTo(self, transport: Any) -> Deferred[None]:
+        producer: BodyProducer = self.bodyProducer
+        self._writeHeaders(transport, b"Content-Length: %d\r\n" % (producer.length,))
+        transport.writeSequence(producer.chunks)
+        return succeed(None)
 
 
 @implementer(IAgent)
@@ -101,8 +120,10 @@ class UpstreamAgent:
         d = self._pool.getConnection(origin.key, origin.endpoint)
         persistent = self._pool.persistent
 
+        request_class = HeldBodyRequest if isinstance(bodyProducer, BodyProducer) else ClientRequest
+
         def connected(protocol: HTTP11ClientProtocol) -> Deferred[IResponse]:
-            request = ClientRequest._construct(
+            request = request_class._construct(
                 method, path, headers, bodyProducer, persistent=persistent, parsedURI=origin.uri
             )
             return protocol.request(request)

@@ -22,7 +22,7 @@ from twisted.web.iweb import IResponse
 
 from credproxy.http._body import BodyProducer, RequestBody
 from credproxy.http._upstream import ScreenedConnectionPool
-from credproxy.http._upstream_agent import MAX_CACHED_ORIGINS, UpstreamAgent
+from credproxy.http._upstream_agent import MAX_CACHED_ORIGINS, HeldBodyRequest, UpstreamAgent
 
 
 class StringEndpoint:
@@ -170,3 +170,41 @@ class UpstreamAgentTests(SynchronousTestCase):
         )
         self.assertTrue(request.persistent)
         self.assertIsNone(request._parsedURI)
+
+
+class HeldBodyRequestTests(SynchronousTestCase):
+    def written(self, request_class: type[ClientRequest], chunks: list[bytes]) -> tuple[bytes, Any]:
+        transport = StringTransport()
+        request = request_class._construct(
+            b"POST",
+            b"/v1/messages?beta=true",
+            Headers({b"host": [b"api.example"], b"x-api-key": [b"sk-ant-api03-real"]}),
+            BodyProducer(RequestBody(chunks)),
+            persistent=True,
+            parsedURI=None,
+        )
+        done = request.writeTo(transport)
+        return transport.value(), self.successResultOf(done)
+
+    def test_the_bytes_are_those_twisted_writes(self) -> None:
+        for chunks in ([], [b"{}"], [b'{"model":', b' "claude"', b"}" * 5000]):
+            held, _ = self.written(HeldBodyRequest, chunks)
+            standard, _ = self.written(ClientRequest, chunks)
+            self.assertEqual(held, standard)
+            self.assertTrue(held.endswith(b"\r\n\r\n" + b"".join(chunks)))
+
+    def test_the_agent_writes_an_in_memory_body_with_its_head(self) -> None:
+        endpoints = RecordingEndpoints()
+        agent = UpstreamAgent(endpoints, ScreenedConnectionPool(Clock()))
+        agent.request(
+            b"POST",
+            b"http://upstream.example/v1/messages",
+            None,
+            BodyProducer(RequestBody([b"{}"])),
+        )
+        (protocol,) = endpoints.endpoint.protocols
+        self.assertIsInstance(protocol._currentRequest, HeldBodyRequest)
+        self.assertTrue(endpoints.endpoint.transports[0].value().endswith(b"\r\n\r\n{}"))
+
+    def test_the_private_header_writer_relied_on_exists(self) -> None:
+        self.assertTrue(callable(ClientRequest._writeHeaders))

@@ -9,8 +9,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import (
     URI,
@@ -77,7 +83,16 @@ class UpstreamEndpoints:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError("the upstream's host must be ASCII") from None
-        tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        tcp: IStreamClientEndpoint
+        if isIPAddress(host):
+            # An address needs no name resolution: HostnameEndpoint would
+            # still hand each connection's lookup to the thread pool, which
+            # a burst of new streams then waits on in turn.
+            tcp = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        elif isIPv6Address(host):
+            tcp = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+        else:
+            tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
         if uri.scheme == b"http":
             return tcp
         if uri.scheme == b"https":

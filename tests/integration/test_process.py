@@ -127,6 +127,12 @@ try:
         time.sleep(0.02)
     else:
         seen["credproxy"] = peek(child.pid)
+        # The credential line follows the socket by a moment; the test reads it.
+        while time.monotonic() < deadline:
+            with open(log_path, "rb") as written:
+                if b"HTTP face credential" in written.read():
+                    break
+            time.sleep(0.02)
 finally:
     child.send_signal(signal.SIGINT)
     seen["status"] = child.wait(30)

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -18,13 +18,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from credproxy.http._body import BodyProducer, RequestBody
 from credproxy.http._upstream import ScreenedConnectionPool
 from credproxy.http._upstream_agent import MAX_CACHED_ORIGINS, HeldBodyRequest, UpstreamAgent
 
 
+@implementer(IStreamClientEndpoint)
 class StringEndpoint:
     """
     Connects at once, each connection on a StringTransport of its own.
@@ -44,6 +46,7 @@ class StringEndpoint:
         return succeed(protocol)
 
 
+@implementer(IAgentEndpointFactory)
 class RecordingEndpoints:
     """
     An endpoint factory that counts what it is asked for.
@@ -53,7 +56,7 @@ class RecordingEndpoints:
         self.asked: list[URI] = []
         self.endpoint = StringEndpoint()
 
-    def endpointForURI(self, uri: URI) -> StringEndpoint:
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         self.asked.append(uri)
         return self.endpoint
 
@@ -73,7 +76,8 @@ class UpstreamAgentTests(SynchronousTestCase):
         return answers, failures
 
     def wire(self, index: int = 0) -> bytes:
-        return self.endpoints.endpoint.transports[index].value()
+        sent: bytes = self.endpoints.endpoint.transports[index].value()
+        return sent
 
     def test_the_path_and_query_are_the_request_target(self) -> None:
         self.send(b"http://upstream.example:8080/v1/messages?beta=true")

@@ -725,7 +725,9 @@ class PoolTests(SynchronousTestCase):
         )
         (response,) = answers
         collector = body_of(response)
-        self.assertIsInstance(connected.protocol._parser.bodyDecoder, ChunkedDecoder)
+        parser = connected.protocol._parser
+        assert parser is not None
+        self.assertIsInstance(parser.bodyDecoder, ChunkedDecoder)
         connected.protocol.dataReceived(b"1\r\nc\r\n0\r\n\r\n")
         self.assertEqual(collector.data, b"abc")
         self.assertIsNotNone(collector.ended)

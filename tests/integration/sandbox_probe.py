@@ -7,7 +7,8 @@ what happened, for the tests to judge one property each.
     sandbox_probe.py PLAN_JSON
 
 PLAN_JSON names what to try: C{host_port} (a TCP listener on the host's
-127.0.0.1), C{outside} (an address off the loopback), C{read} (paths to
+127.0.0.1), C{outside} (an address off the loopback), C{abstract} (the name
+of an abstract Unix socket listening on the host), C{read} (paths to
 read), C{list} (directories to list), C{write} (paths to create), C{cover}
 (a hidden path to try to unmount).
 """
@@ -35,6 +36,18 @@ def connect_tcp(host: str, port: int) -> str:
         return "connected"
     except OSError as e:
         return _error(e) if e.errno else type(e).__name__
+    finally:
+        s.close()
+
+
+def connect_unix(address: str) -> str:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(address)
+        return "connected"
+    except OSError as e:
+        return _error(e)
     finally:
         s.close()
 
@@ -151,11 +164,12 @@ def credential_socket(out: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     plan = json.loads(argv[0])
-    out: dict[str, Any] = {"environ": dict(os.environ)}
+    out: dict[str, Any] = {"environ": dict(os.environ), "stdin": sys.stdin.read()}
     sdk_calls(out)
     credential_socket(out)
     out["host_loopback"] = connect_tcp("127.0.0.1", plan["host_port"])
     out["outside"] = connect_tcp(plan["outside"], 80)
+    out["abstract"] = connect_unix("\0" + plan["abstract"])
     out["processes"] = processes()
     out["own_pid"] = os.getpid()
     out["read"] = {path: read(path) for path in plan["read"]}
@@ -165,6 +179,7 @@ def main(argv: list[str]) -> int:
     out["unmount"] = unmount(plan["cover"])
     out["hostname"] = socket.gethostname()
     sys.stdout.write(json.dumps(out) + "\n")
+    sys.stderr.write("probe-stderr\n")
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -29,8 +30,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.threads import deferToThread
 
 from credproxy._sandbox import ENV_ALLOWLIST, RUN_VARIABLES
+from tests.integration import unprivileged as unprivileged_
 from tests.integration.conftest import REAL_API_KEY, REAL_OAUTH_TOKEN
 from tests.integration.test_run import (
     AGENT,
@@ -124,6 +127,7 @@ def start_sandboxed(
     agent: list[str],
     *args: str,
     path: str | None = None,
+    stdin: bytes | None = None,
 ) -> Run:
     stamp = time.monotonic_ns()
     out_path = layout.path("logs", f"{stamp}.out")
@@ -144,12 +148,16 @@ def start_sandboxed(
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         process = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             env=layout.environ(path),
             cwd=layout.work,
         )
+    if stdin is not None:
+        assert process.stdin is not None
+        process.stdin.write(stdin)
+        process.stdin.close()
     return Run(process, layout.base, out_path, err_path)
 
 
@@ -192,9 +200,15 @@ async def probed() -> AsyncIterator[Probed]:
     upstream.port = reactor.listenTCP(0, upstream.site(), interface="127.0.0.1")  # type: ignore[arg-type]
     host_port = upstream.port.getHost().port  # type: ignore[attr-defined]
     tmp_marker = f"/tmp/{os.path.basename(base)}-from-the-sandbox"
+    # An abstract Unix socket (X11 and D-Bus listen on such) on the host.
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract_name = f"credproxy-test-{os.path.basename(base)}"
+    abstract.bind("\0" + abstract_name)
+    abstract.listen(8)
     plan = {
         "host_port": host_port,
         "outside": OUTSIDE_ADDRESS,
+        "abstract": abstract_name,
         "read": [
             layout.path("home", ".claude", ".credentials.json"),
             os.path.join(layout.state, "tokens.json"),
@@ -221,6 +235,7 @@ async def probed() -> AsyncIterator[Probed]:
             layout.path("rw"),
             "--sandbox-ro",
             layout.home,
+            stdin=b"from-stdin",
         )
         status = await wait_exit(run)
         stdout = run.stdout()
@@ -234,6 +249,7 @@ async def probed() -> AsyncIterator[Probed]:
             tmp_marker=tmp_marker,
         )
     finally:
+        abstract.close()
         await maybeDeferred(upstream.port.stopListening)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -279,6 +295,10 @@ def test_a_listener_on_the_hosts_loopback_is_unreachable(probed: Probed) -> None
 
 def test_there_is_no_network_beyond_the_sandboxs_own_loopback(probed: Probed) -> None:
     assert probed.report["outside"] == "ENETUNREACH"
+
+
+def test_the_hosts_abstract_unix_sockets_are_unreachable(probed: Probed) -> None:
+    assert probed.report["abstract"] == "ECONNREFUSED"
 
 
 def test_no_host_process_is_visible(probed: Probed) -> None:
@@ -353,9 +373,14 @@ def test_the_sandbox_has_no_capabilities_and_cannot_lift_a_cover(probed: Probed)
     assert probed.report["unmount"] == "EPERM"
 
 
-def test_the_run_leaves_nothing_behind_and_says_nothing(probed: Probed) -> None:
+def test_the_standard_streams_pass_through(probed: Probed) -> None:
+    assert probed.report["stdin"] == "from-stdin"
+    # Only the agent's own line: nothing of credproxy's without --verbose.
+    assert probed.stderr == "probe-stderr\n"
+
+
+def test_the_run_leaves_nothing_behind(probed: Probed) -> None:
     assert probed.leftovers == []
-    assert probed.stderr == ""
 
 
 # -- statuses, signals and cleanup, as for credproxy run ---------------------------------------
@@ -529,3 +554,73 @@ async def test_a_path_to_share_inside_a_hidden_one_is_refused_in_one_line(
         f"{layout.path('home', '.claude')}, which the sandbox hides"
     )
     assert not os.path.exists(ran)
+
+
+# -- an ordinary user's sandbox: bubblewrap through a user namespace ------------------------
+
+# The agent of the unprivileged run: one request through the relay with the
+# SDK as an agent configures it, and the uid it runs as in the sandbox.
+_UID_AGENT = """
+import json, os
+import anthropic
+with anthropic.Anthropic(max_retries=0) as sdk:
+    message = sdk.messages.create(
+        model="claude-sonnet-4-6", max_tokens=16, messages=[{"role": "user", "content": "Hi"}]
+    )
+print(json.dumps({"text": message.content[0].text, "uid": os.getuid()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def unprivileged() -> Iterator[unprivileged_.Interpreter]:
+    directory = unprivileged_.make_directory()
+    try:
+        found = unprivileged_.find(directory)
+        if isinstance(found, str):
+            pytest.skip(found)
+        yield found
+    finally:
+        unprivileged_.remove(directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the other tests are this one when not root")
+@pytest_twisted.ensureDeferred
+async def test_an_ordinary_users_agent_passes_the_uid_check_from_its_user_namespace(
+    unprivileged: unprivileged_.Interpreter, upstream: Upstream
+) -> None:
+    assert unprivileged.uid is not None
+    base = tempfile.mkdtemp(prefix="cpsu-", dir="/tmp")
+    try:
+        for name in ("work", "run", "state", "home"):
+            os.makedirs(os.path.join(base, name))
+        for root, dirs, _ in os.walk(base):
+            for name in ["", *dirs]:
+                os.chown(os.path.join(root, name), unprivileged.uid, unprivileged.uid)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.path.join(base, "home"),
+            "XDG_RUNTIME_DIR": os.path.join(base, "run"),
+            "XDG_STATE_HOME": os.path.join(base, "state"),
+            "ANTHROPIC_API_KEY": REAL_API_KEY,
+        }
+        argv = [
+            unprivileged.credproxy,
+            "run",
+            "--sandbox",
+            "--upstream",
+            upstream.url,
+            "--store",
+            "memory",
+            "--",
+            unprivileged.python,
+            "-c",
+            _UID_AGENT,
+        ]
+        done = await deferToThread(
+            unprivileged.run, argv, timeout=60, cwd=os.path.join(base, "work"), env=env
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"text": "ok", "uid": unprivileged.uid}
+    assert [r.header("x-api-key") for r in upstream.received] == [REAL_API_KEY]

@@ -38,6 +38,9 @@ BASE_URL_ENV: Final = "ANTHROPIC_BASE_URL"
 API_KEY_ENV: Final = "ANTHROPIC_API_KEY"
 # Signals passed on to the command; the command decides when the run ends.
 FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# In a sandbox, which has a session of its own, the terminal's window-size
+# changes reach credproxy only: they are passed on too, for full-screen agents.
+SANDBOX_FORWARDED_SIGNALS: Final = (*FORWARDED_SIGNALS, signal.SIGWINCH)
 
 
 class CommandNotRunnable(Exception):

@@ -56,6 +56,7 @@ from credproxy._command import (
     EXIT_NOT_FOUND,
     FORWARDED_SIGNALS,
     HTTP_SOCKET_ENV,
+    SANDBOX_FORWARDED_SIGNALS,
     SIGNAL_EXIT_BASE,
     CommandNotRunnable,
     exit_status,
@@ -117,7 +118,10 @@ class RunOptions(Options):
         "capability token readable once from the descriptor CREDPROXY_CAPABILITY_TOKEN_FD, and "
         "stop the proxy when CMD ends. CMD gets no real credential. INT, TERM and HUP are passed "
         "on to CMD; the exit status is CMD's (128 + N when signal N killed it; 125 when "
-        "credproxy itself failed, 126 when CMD cannot run, 127 when it is not found)."
+        "credproxy itself failed, 126 when CMD cannot run, 127 when it is not found). With "
+        "--sandbox, CMD runs in a bubblewrap sandbox with no network whose only way out is the "
+        "two sockets, at /run/credproxy/cred.sock and /run/credproxy/http.sock, and "
+        "ANTHROPIC_BASE_URL points at a relay on the sandbox's own loopback."
     )
 
     optFlags: list[list[Any]] = [
@@ -322,6 +326,10 @@ class RunSession:
         self._signalled: int | None = None  # received before the command started
         self._finished = False
         self._waiting: list[Deferred[None]] = []
+
+    @property
+    def sandboxed(self) -> bool:
+        return self._sandbox is not None
 
     def run(self) -> Deferred[int]:
         """
@@ -602,7 +610,8 @@ def main(argv: list[str], *, reactor: Any = None) -> int:
         # After the reactor's own handlers (which would stop it on INT and
         # TERM): the command, not the signal, ends the run. The reactor
         # keeps its SIGCHLD handling, which tells us the command ended.
-        for signum in FORWARDED_SIGNALS:
+        forwarded = SANDBOX_FORWARDED_SIGNALS if session.sandboxed else FORWARDED_SIGNALS
+        for signum in forwarded:
             previous[signum] = signal.signal(signum, forward)
         session.run().addCallbacks(finished, failed)
 

@@ -273,8 +273,9 @@ def plan_sandbox(
 
     @raise SandboxRefused: a path to share does not exist, is C{/} and
         writable, or is (or is inside) a hidden path; the current directory
-        is C{/} or hidden, unless it is not shared; C{--sandbox-env} names a
-        credential or one of the run's own variables.
+        is C{/}, hidden, or holds the home directory, unless it is not
+        shared; C{--sandbox-env} names a credential or one of the run's own
+        variables.
     """
     for name in settings.env_names:
         if name in CREDENTIAL_VARIABLES or name in RUN_VARIABLES:
@@ -300,6 +301,14 @@ def plan_sandbox(
             raise SandboxRefused(
                 f"the current directory {here} is inside {cover}, which the sandbox hides: "
                 "run from another directory, or give --sandbox-no-cwd"
+            )
+        home = _real(environ.get("HOME") or os.path.expanduser("~"))
+        if _within(home, here):
+            # Your shell's startup files, ~/.local/bin ...: writable only when asked.
+            raise SandboxRefused(
+                f"the current directory {here} holds your home directory, which the sandbox "
+                "would make writable: run from a project directory, give --sandbox-no-cwd, or "
+                "--sandbox-rw it if you mean it"
             )
         read_write.append(here)
         chdir = here

@@ -25,7 +25,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
-from credproxy._command import FORWARDED_SIGNALS
+from credproxy._command import SANDBOX_FORWARDED_SIGNALS
 
 # The init's end of the pair, in the init: the first descriptor after the
 # capability token's (3).
@@ -64,7 +64,7 @@ def parse_signal(line: bytes) -> int | None:
     if match is None:
         return None
     signum = int(match.group(1))
-    return signum if signum in FORWARDED_SIGNALS else None
+    return signum if signum in SANDBOX_FORWARDED_SIGNALS else None
 
 
 class HostControl(LineOnlyReceiver):

@@ -207,6 +207,16 @@ class TestPlan:
             plan(host, cwd=os.path.join(host["HOME"], ".claude"))
         assert plan(host, SandboxSettings(share_cwd=False), cwd="/").chdir == "/"
 
+    def test_a_current_directory_that_holds_the_home_is_refused_unless_asked_for(
+        self, host: dict[str, str]
+    ) -> None:
+        home = os.path.realpath(host["HOME"])
+        for cwd in (home, os.path.dirname(home)):
+            with pytest.raises(SandboxRefused, match="holds your home directory"):
+                plan(host, cwd=cwd)
+        asked = plan(host, SandboxSettings(share_cwd=False, read_write=(home,)), cwd=home)
+        assert (home, home) in pairs(asked.bwrap_args, "--bind")
+
 
 class TestEnvironment:
     def test_only_the_allowlist_the_extras_and_the_runs_variables(self) -> None:
@@ -277,6 +287,7 @@ class TestControl:
 
     def test_only_forwarded_signals_pass(self) -> None:
         assert parse_signal(b"signal %d" % signal.SIGTERM) == signal.SIGTERM
+        assert parse_signal(b"signal %d" % signal.SIGWINCH) == signal.SIGWINCH
         for bad in (b"signal %d" % signal.SIGKILL, b"signal 9999", b"signal", b"kill 15"):
             assert parse_signal(bad) is None
 

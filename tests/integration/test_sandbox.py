@@ -400,6 +400,7 @@ async def test_the_exit_status_is_the_agents(layout: Layout, upstream: Upstream)
         (signal.SIGTERM, True, 100 + signal.SIGTERM),
         (signal.SIGTERM, False, 128 + signal.SIGTERM),
         (signal.SIGINT, True, 100 + signal.SIGINT),
+        (signal.SIGWINCH, True, 100 + signal.SIGWINCH),
     ],
 )
 @pytest_twisted.ensureDeferred

@@ -36,6 +36,9 @@ SIGNAL_EXIT_BASE: Final = 128  # a command killed by signal N: 128 + N
 HTTP_SOCKET_ENV: Final = "CREDPROXY_HTTP_SOCKET"
 BASE_URL_ENV: Final = "ANTHROPIC_BASE_URL"
 API_KEY_ENV: Final = "ANTHROPIC_API_KEY"
+# The descriptor number the capability token is readable from in the
+# command: the first one after the standard three.
+TOKEN_FD: Final = 3
 # Signals passed on to the command; the command decides when the run ends.
 FORWARDED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # In a sandbox, which has a session of its own, the terminal's window-size

@@ -48,6 +48,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from credproxy import _process
+from credproxy._bwrap import find_bwrap, probe_bwrap
 from credproxy._command import (
     API_KEY_ENV,
     BASE_URL_ENV,
@@ -58,6 +59,7 @@ from credproxy._command import (
     HTTP_SOCKET_ENV,
     SANDBOX_FORWARDED_SIGNALS,
     SIGNAL_EXIT_BASE,
+    TOKEN_FD,
     CommandNotRunnable,
     exit_status,
     is_open,
@@ -77,9 +79,7 @@ from credproxy._sandbox import (
     SandboxLayout,
     SandboxRefused,
     SandboxSettings,
-    find_bwrap,
     plan_sandbox,
-    probe_bwrap,
     sandbox_environment,
     sandboxed_argv,
 )
@@ -95,9 +95,6 @@ log = Logger(namespace="credproxy.run")
 # Every variable that may hold a real credential an SDK or CLI would use.
 # None reaches the command: the proxy injects the credential upstream.
 REAL_CREDENTIAL_VARIABLES: Final = CREDENTIAL_VARIABLES
-# The descriptor number the capability token is readable from in the
-# command: the first one after the standard three.
-TOKEN_FD: Final = 3
 # After a sandbox has ended, how long its init's last line may take to
 # arrive (it was written before the command could end).
 CONTROL_DRAIN_TIMEOUT: Final = 5.0

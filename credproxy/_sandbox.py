@@ -21,36 +21,19 @@ mounted, so a link cannot carry a hidden path out from under its cover.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
-
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
+from dataclasses import dataclass
+from typing import Final
 
 import credproxy
-from credproxy._command import API_KEY_ENV, HTTP_SOCKET_ENV
+from credproxy._command import API_KEY_ENV, BASE_URL_ENV, HTTP_SOCKET_ENV, TOKEN_FD
 from credproxy._process import CREDENTIAL_VARIABLES
-from credproxy._sandbox_init import (
-    SANDBOX_CREDENTIAL_SOCKET,
-    SANDBOX_HTTP_SOCKET,
-    TOKEN_FD,
-)
+from credproxy._sandbox_init import SANDBOX_CREDENTIAL_SOCKET, SANDBOX_HTTP_SOCKET
 from credproxy._secret import Secret
 from credproxy.inner._environment import CAPABILITY_TOKEN_FD_ENV, CAPABILITY_TOKEN_FILE_ENV
 from credproxy.wire._spec import SOCKET_ENV_VARIABLES
 
-BWRAP: Final = "bwrap"
-INSTALL_HINT: Final = (
-    "install bubblewrap (Debian and Ubuntu: apt install bubblewrap; Fedora: dnf install "
-    "bubblewrap; Arch: pacman -S bubblewrap)"
-)
 SANDBOX_HOSTNAME: Final = "credproxy-sandbox"
 # What the host's environment gives the sandbox: where programs are, who and
 # where the user is, how to show text. Everything else stays out unless
@@ -81,7 +64,7 @@ RUN_VARIABLES: Final = frozenset(
         HTTP_SOCKET_ENV,
         CAPABILITY_TOKEN_FD_ENV,
         CAPABILITY_TOKEN_FILE_ENV,
-        "ANTHROPIC_BASE_URL",
+        BASE_URL_ENV,
         API_KEY_ENV,
     }
 )
@@ -122,10 +105,6 @@ NAMESPACE_ARGS: Final = (
     "--cap-drop",
     "ALL",
 )
-PROBE_TIMEOUT: Final = 10.0
-MAX_PROBE_OUTPUT: Final = 4096
-# A detail of bubblewrap's own shown in a refusal, at most this long.
-MAX_SHOWN_DETAIL: Final = 300
 # The start of a sandbox's new session, as a Python one-liner: bubblewrap's
 # outer process must not be in the terminal's process group, or a Ctrl-C
 # would kill it (it passes no signal on) instead of reaching credproxy,
@@ -166,7 +145,6 @@ class SandboxLayout:
     read_only: tuple[str, ...]
     hidden: tuple[str, ...]
     chdir: str
-    notes: tuple[str, ...] = field(default=())
 
 
 def _real(path: str) -> str:
@@ -243,7 +221,7 @@ def _covering(path: str, hidden: Sequence[str]) -> str | None:
     return None
 
 
-def _own_tree_binds() -> list[str]:
+def own_tree_binds() -> list[str]:
     """
     Read-only binds of where this interpreter and credproxy itself live,
     when that is under one of the L{PRIVATE_TREES}: the init must run in
@@ -332,7 +310,7 @@ def plan_sandbox(
     args: list[str] = [*NAMESPACE_ARGS, "--new-session", "--hostname", SANDBOX_HOSTNAME]
     args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     args += ["--tmpfs", "/tmp", "--tmpfs", "/run"]  # noqa: S108 - fresh, the sandbox's own
-    own = _own_tree_binds()
+    own = own_tree_binds()
     args += own
     bound = [*read_write, *read_only, *own[2::3]]
     for path in read_write:
@@ -393,20 +371,6 @@ def sandbox_environment(
     return env
 
 
-def find_bwrap(search_path: str | None) -> str:
-    """
-    bubblewrap's executable on C{search_path}.
-
-    @raise SandboxRefused: it is not there, with how to install it.
-    """
-    found = shutil.which(BWRAP, path=search_path if search_path is not None else os.defpath)
-    if found is None:
-        raise SandboxRefused(
-            f"--sandbox needs bubblewrap (bwrap), which is not on PATH: {INSTALL_HINT}"
-        )
-    return found
-
-
 def sandboxed_argv(
     bwrap: str,
     layout: SandboxLayout,
@@ -443,95 +407,3 @@ def sandboxed_argv(
         "credproxy._sandbox_init",
         *init_args,
     ]
-
-
-def _shown(detail: bytes) -> str:
-    line = detail.decode("utf-8", "replace").strip().splitlines()
-    first = line[0] if line else ""
-    first = "".join(c if c.isprintable() else "?" for c in first)
-    return first[:MAX_SHOWN_DETAIL]
-
-
-def probe_refusal(status: int, stderr: bytes) -> SandboxRefused:
-    """
-    What a failed probe means, in one line: user namespaces are what an
-    ordinary user's bubblewrap needs and most often lacks (bubblewrap says
-    so, or fails to write the new namespace's uid map, as under AppArmor's
-    restriction of them).
-    """
-    detail = _shown(stderr) or f"bwrap exited with status {status}"
-    lowered = detail.lower()
-    if "user namespace" in lowered or "uid map" in lowered:
-        return SandboxRefused(
-            f"--sandbox needs unprivileged user namespaces, which are not available here "
-            f"({detail}); run credproxy as root, or enable them (sysctl "
-            "kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0, or an AppArmor "
-            "profile for bwrap)"
-        )
-    return SandboxRefused(f"bubblewrap cannot build the sandbox here ({detail})")
-
-
-class _Probe(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred[int] = Deferred()
-        self.stderr = b""
-
-    def errReceived(self, data: bytes) -> None:
-        room = MAX_PROBE_OUTPUT - len(self.stderr)
-        if room > 0:
-            self.stderr += data[:room]
-
-    def processEnded(self, reason: Failure) -> None:
-        value: Any = reason.value
-        code = getattr(value, "exitCode", None)
-        self.ended.callback(int(code) if code is not None else 1)
-
-
-async def probe_bwrap(reactor: Any, bwrap: str, *, timeout: float = PROBE_TIMEOUT) -> None:
-    """
-    Build an empty sandbox with the same namespaces, and run this
-    interpreter in it, once, before anything else starts: so a machine
-    where bubblewrap cannot work says why in one line instead of failing
-    halfway.
-
-    @raise SandboxRefused: it failed, or took longer than C{timeout}.
-    """
-    args = [
-        bwrap,
-        *NAMESPACE_ARGS,
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        *_own_tree_binds(),
-        "--",
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        "",
-    ]
-    probe = _Probe()
-    process = reactor.spawnProcess(probe, bwrap, args, env={}, childFDs={0: "w", 1: "r", 2: "r"})
-    timed_out: list[bool] = []
-
-    def kill() -> None:
-        timed_out.append(True)
-        try:
-            process.signalProcess(signal.SIGKILL)
-        except ProcessExitedAlready:
-            return
-
-    timer: IDelayedCall = reactor.callLater(timeout, kill)
-    try:
-        status = await probe.ended
-    finally:
-        if timer.active():
-            timer.cancel()
-    if timed_out:
-        raise SandboxRefused(f"bubblewrap did not build an empty sandbox within {timeout:g} s")
-    if status != 0:
-        raise probe_refusal(status, probe.stderr)

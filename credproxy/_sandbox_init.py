@@ -37,6 +37,7 @@ from credproxy._command import (
     BASE_URL_ENV,
     EXIT_CREDPROXY_FAILED,
     FORWARDED_SIGNALS,
+    TOKEN_FD,
     CommandNotRunnable,
     exit_status,
     is_open,
@@ -58,8 +59,6 @@ SANDBOX_SOCKET_DIR: Final = "/run/credproxy"
 SANDBOX_CREDENTIAL_SOCKET: Final = SANDBOX_SOCKET_DIR + "/cred.sock"
 SANDBOX_HTTP_SOCKET: Final = SANDBOX_SOCKET_DIR + "/http.sock"
 RELAY_INTERFACE: Final = "127.0.0.1"
-# The capability token's descriptor, passed to the command as it came.
-TOKEN_FD: Final = 3
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -66,6 +66,7 @@ SANDBOX_SIDE_FORBIDDEN = (
     "_run",
     "_lifecycle",
     "_sandbox",
+    "_bwrap",
     "_process",
 )
 

@@ -40,6 +40,7 @@ from credproxy._command import (
     EXIT_CANNOT_RUN,
     EXIT_CREDPROXY_FAILED,
     EXIT_NOT_FOUND,
+    TOKEN_FD,
     CommandNotRunnable,
     exit_status,
     resolve_command,
@@ -58,7 +59,6 @@ from credproxy._lifecycle import (
     socket_paths,
 )
 from credproxy._run import (
-    TOKEN_FD,
     RunOptions,
     RunSession,
     child_environment,

@@ -13,16 +13,15 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import StringTransport
 
+from credproxy._bwrap import find_bwrap, probe_refusal
 from credproxy._run import RunOptions
 from credproxy._sandbox import (
     ENV_ALLOWLIST,
     SandboxLayout,
     SandboxRefused,
     SandboxSettings,
-    find_bwrap,
     hidden_paths,
     plan_sandbox,
-    probe_refusal,
     sandbox_environment,
     sandboxed_argv,
 )

@@ -8,7 +8,8 @@ what happened, for the tests to judge one property each.
 
 PLAN_JSON names what to try: C{host_port} (a TCP listener on the host's
 127.0.0.1), C{outside} (an address off the loopback), C{abstract} (the name
-of an abstract Unix socket listening on the host), C{read} (paths to
+of an abstract Unix socket listening on the host), C{unix} (Unix sockets
+listening on the host), C{read} (paths to
 read), C{list} (directories to list), C{write} (paths to create), C{cover}
 (a hidden path to try to unmount).
 """
@@ -170,6 +171,7 @@ def main(argv: list[str]) -> int:
     out["host_loopback"] = connect_tcp("127.0.0.1", plan["host_port"])
     out["outside"] = connect_tcp(plan["outside"], 80)
     out["abstract"] = connect_unix("\0" + plan["abstract"])
+    out["unix"] = {path: connect_unix(path) for path in plan["unix"]}
     out["processes"] = processes()
     out["own_pid"] = os.getpid()
     out["read"] = {path: read(path) for path in plan["read"]}

@@ -55,6 +55,7 @@ HOST_ONLY = "HOST_ONLY_VARIABLE"
 PLANTED_CREDENTIALS = '{"claudeAiOauth": {"accessToken": "planted-claude-credential-9876"}}'
 PLANTED_RUNTIME = "planted in the runtime directory"
 NOTES = "the user's notes, readable in the sandbox"
+HOME_SOCKETS = ("ssh-agent.sock", "bus.sock", "other.sock")
 # TEST-NET-1 (RFC 5737): an address off the loopback that routes nowhere.
 OUTSIDE_ADDRESS = "192.0.2.1"
 
@@ -114,8 +115,8 @@ class Layout:
             "LANG": "C.UTF-8",
             "TERM": "xterm",
             HOST_ONLY: "seen only on the host",
-            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.runtime_base}/bus",
-            "SSH_AUTH_SOCK": self.path("home", ".ssh", "agent.sock"),
+            "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.path('home', 'bus.sock')},guid=0",
+            "SSH_AUTH_SOCK": self.path("home", "ssh-agent.sock"),
             "ANTHROPIC_API_KEY": REAL_API_KEY,
             "CLAUDE_CODE_OAUTH_TOKEN": REAL_OAUTH_TOKEN,
         }
@@ -200,15 +201,22 @@ async def probed() -> AsyncIterator[Probed]:
     upstream.port = reactor.listenTCP(0, upstream.site(), interface="127.0.0.1")  # type: ignore[arg-type]
     host_port = upstream.port.getHost().port  # type: ignore[attr-defined]
     tmp_marker = f"/tmp/{os.path.basename(base)}-from-the-sandbox"
-    # An abstract Unix socket (X11 and D-Bus listen on such) on the host.
-    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # An abstract Unix socket (X11 and D-Bus listen on such) on the host;
+    # the SSH agent's and the session bus's sockets, and another one, in the
+    # home, which the sandbox sees (read-only).
     abstract_name = f"credproxy-test-{os.path.basename(base)}"
-    abstract.bind("\0" + abstract_name)
-    abstract.listen(8)
+    listeners = {
+        name: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        for name in ("\0" + abstract_name, *(layout.path("home", n) for n in HOME_SOCKETS))
+    }
+    for address, listener in listeners.items():
+        listener.bind(address)
+        listener.listen(8)
     plan = {
         "host_port": host_port,
         "outside": OUTSIDE_ADDRESS,
         "abstract": abstract_name,
+        "unix": [layout.path("home", n) for n in HOME_SOCKETS],
         "read": [
             layout.path("home", ".claude", ".credentials.json"),
             os.path.join(layout.state, "tokens.json"),
@@ -249,7 +257,8 @@ async def probed() -> AsyncIterator[Probed]:
             tmp_marker=tmp_marker,
         )
     finally:
-        abstract.close()
+        for listener in listeners.values():
+            listener.close()
         await maybeDeferred(upstream.port.stopListening)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -299,6 +308,16 @@ def test_there_is_no_network_beyond_the_sandboxs_own_loopback(probed: Probed) ->
 
 def test_the_hosts_abstract_unix_sockets_are_unreachable(probed: Probed) -> None:
     assert probed.report["abstract"] == "ECONNREFUSED"
+
+
+def test_the_ssh_agent_and_session_bus_sockets_are_covered(probed: Probed) -> None:
+    connected = probed.report["unix"]
+    home = probed.layout.home
+    assert connected[os.path.join(home, "ssh-agent.sock")] == "ECONNREFUSED"
+    assert connected[os.path.join(home, "bus.sock")] == "ECONNREFUSED"
+    # A socket nobody hid, in a directory the sandbox may read, still
+    # answers (a read-only mount does not stop a connect): the covers did it.
+    assert connected[os.path.join(home, "other.sock")] == "connected"
 
 
 def test_no_host_process_is_visible(probed: Probed) -> None:
@@ -460,6 +479,24 @@ async def test_the_sandbox_dies_with_credproxy(layout: Layout, upstream: Upstrea
     finally:
         await wait_exit(run)
     await wait_for(lambda: _host_pids_running(ready) == [], timeout=10)
+
+
+# An agent that leaves a process of its own running, in a session of its
+# own, and exits at once.
+_LEAVES_A_DAEMON = (
+    "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
+    "'import time; time.sleep(30)', sys.argv[1]], start_new_session=True)"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_the_agent_started_outlives_the_run(
+    layout: Layout, upstream: Upstream
+) -> None:
+    marker = layout.path("work", "daemon-marker")
+    run = start_sandboxed(layout, upstream.url, [sys.executable, "-c", _LEAVES_A_DAEMON, marker])
+    assert await wait_exit(run) == 0, run.stderr()
+    await wait_for(lambda: _host_pids_running(marker) == [], timeout=5)
 
 
 @pytest_twisted.ensureDeferred

@@ -405,11 +405,24 @@ def test_the_run_leaves_nothing_behind(probed: Probed) -> None:
 # -- statuses, signals and cleanup, as for credproxy run ---------------------------------------
 
 
+_SAYS_ITS_KEY_AND_EXITS_3 = "import os, sys; print(os.environ['ANTHROPIC_API_KEY']); sys.exit(3)"
+
+
 @pytest_twisted.ensureDeferred
-async def test_the_exit_status_is_the_agents(layout: Layout, upstream: Upstream) -> None:
-    run = start_sandboxed(layout, upstream.url, [sys.executable, AGENT, "exit", "3"])
+async def test_the_exit_status_is_the_agents_and_verbose_lines_hold_no_secret(
+    layout: Layout, upstream: Upstream
+) -> None:
+    agent = [sys.executable, "-c", _SAYS_ITS_KEY_AND_EXITS_3]
+    run = start_sandboxed(layout, upstream.url, agent, "--verbose")
     assert await wait_exit(run) == 3
-    assert run.stderr() == ""
+    err = run.stderr()
+    placeholder = run.stdout().strip()
+    assert len(placeholder) == 64 and placeholder not in err
+    assert "credproxy: Started" in err and "in a sandbox" in err
+    assert "relay on port" in err  # the init's own line, from inside
+    assert "ended with status 3" in err
+    for secret in (REAL_API_KEY, REAL_OAUTH_TOKEN):
+        assert secret not in err
     assert left_behind(layout) == []
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
@@ -492,6 +493,68 @@ async def test_the_sandbox_dies_with_credproxy(layout: Layout, upstream: Upstrea
     finally:
         await wait_exit(run)
     await wait_for(lambda: _host_pids_running(ready) == [], timeout=10)
+
+
+# An interactive agent: raw mode on its terminal, one key read, answered.
+_READS_A_KEY = (
+    "import sys, tty; tty.setraw(0); key = sys.stdin.read(1); "
+    "sys.stdout.write('got ' + key + '\\r\\n'); sys.stdout.flush()"
+)
+
+
+def _converse(master: int, key: bytes, timeout: float = 30.0) -> bytes:
+    """
+    Type C{key} until the agent answers (what it gets before its terminal
+    is raw is flushed by tty.setraw), and read until the answer or the end.
+    """
+    deadline = time.monotonic() + timeout
+    seen = b""
+    os.set_blocking(master, False)
+    while time.monotonic() < deadline and b"got " not in seen:
+        try:
+            os.write(master, key)
+            time.sleep(0.2)
+            seen += os.read(master, 4096)
+        except BlockingIOError:
+            continue
+        except OSError:  # the other side closed: the run is over
+            break
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interactive_agent_reads_its_terminal_in_raw_mode(
+    layout: Layout, upstream: Upstream
+) -> None:
+    master, slave = pty.openpty()
+    try:
+        argv = [
+            sys.executable,
+            "-m",
+            "credproxy._run",
+            "--sandbox",
+            "--upstream",
+            upstream.url,
+            "--store",
+            "memory",
+            "--",
+            sys.executable,
+            "-c",
+            _READS_A_KEY,
+        ]
+        process = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=layout.environ(), cwd=layout.work
+        )
+        os.close(slave)
+        slave = -1
+        seen = await deferToThread(_converse, master, b"k")
+        run = Run(process, layout.base, os.devnull, os.devnull)
+        assert await wait_exit(run) == 0
+    finally:
+        os.close(master)
+        if slave != -1:
+            os.close(slave)
+    assert b"got k" in seen
 
 
 # An agent that leaves a process of its own running, in a session of its

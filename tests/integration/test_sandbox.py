@@ -557,6 +557,32 @@ async def test_an_interactive_agent_reads_its_terminal_in_raw_mode(
     assert b"got k" in seen
 
 
+# Holds one connection to the relay, then asks on a second and prints the answer.
+_TWO_CONNECTIONS = """
+import os, socket
+host, port = os.environ["ANTHROPIC_BASE_URL"].removeprefix("http://").split(":")
+held = socket.create_connection((host, int(port)), timeout=10)
+second = socket.create_connection((host, int(port)), timeout=10)
+data = b""
+while chunk := second.recv(65536):
+    data += chunk
+print(data.decode())
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relay_keeps_the_connection_limits_of_the_run(
+    layout: Layout, upstream: Upstream
+) -> None:
+    agent = [sys.executable, "-c", _TWO_CONNECTIONS]
+    run = start_sandboxed(layout, upstream.url, agent, "--max-connections-per-peer", "1")
+    assert await wait_exit(run) == 0, run.stderr()
+    answer = run.stdout()
+    assert answer.startswith("HTTP/1.1 503 ")
+    assert "overloaded_error" in answer and "the sandbox's relay" in answer
+    assert upstream.received == []
+
+
 # An agent that leaves a process of its own running, in a session of its
 # own, and exits at once.
 _LEAVES_A_DAEMON = (

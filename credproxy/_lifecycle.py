@@ -189,8 +189,12 @@ class ProxyLaunchConfig:
     guarded by the peer uid check, and the TCP endpoint by a fresh token.
     C{tcp_http_endpoint} (a Twisted server endpoint string, normally
     L{LOOPBACK_HTTP_ENDPOINT}) also serves the HTTP face on TCP; None serves
-    it on the Unix socket only. C{runtime_dir} defaults to credproxy's
-    private runtime directory.
+    it on the Unix socket only. With C{placeholder_on_socket}, the Unix
+    socket wants the fresh placeholder token too, on top of the uid check:
+    for a sandbox whose relay carries any of its local clients' requests to
+    that socket, so that the placeholder rules of the TCP endpoint hold
+    there as well. C{runtime_dir} defaults to credproxy's private runtime
+    directory.
     """
 
     http: HTTPProxyConfig = field(default_factory=HTTPProxyConfig)
@@ -198,6 +202,7 @@ class ProxyLaunchConfig:
     grace: float = DEFAULT_GRACE
     tcp_http_endpoint: str | None = None
     runtime_dir: str | None = None
+    placeholder_on_socket: bool = False
 
     @classmethod
     def from_service_config(
@@ -206,6 +211,7 @@ class ProxyLaunchConfig:
         *,
         tcp_http_endpoint: str | None = None,
         runtime_dir: str | None = None,
+        placeholder_on_socket: bool = False,
     ) -> ProxyLaunchConfig:
         """
         The launch configuration of the settings C{credproxy.tap.Options}
@@ -217,6 +223,7 @@ class ProxyLaunchConfig:
             grace=config.grace,
             tcp_http_endpoint=tcp_http_endpoint,
             runtime_dir=runtime_dir,
+            placeholder_on_socket=placeholder_on_socket,
         )
 
 
@@ -242,8 +249,8 @@ class ProxyHandle:
     @ivar http_socket: the HTTP face's Unix socket, for peers with an allowed uid.
     @ivar http_url: C{http://127.0.0.1:PORT} of the TCP endpoint, or None.
     @ivar capability_token: the credential socket's token.
-    @ivar http_token: the only placeholder the TCP endpoint accepts; None
-        without one.
+    @ivar http_token: the only placeholder the TCP endpoint accepts (and
+        the Unix socket, with C{placeholder_on_socket}); None without either.
     @ivar service: the running service (its children include both extra faces).
     """
 
@@ -373,8 +380,12 @@ async def _start(
     remove_stale_run_sockets(runtime_dir)
 
     capability_token = new_capability_token()
-    http_token = new_capability_token() if tcp_endpoint is not None else None
-    unix_http = replace(config.http, capability_token=None)  # the uid check guards it
+    wants_placeholder = tcp_endpoint is not None or config.placeholder_on_socket
+    http_token = new_capability_token() if wants_placeholder else None
+    # The uid check guards the Unix socket; the placeholder too when asked.
+    unix_http = replace(
+        config.http, capability_token=http_token if config.placeholder_on_socket else None
+    )
     try:
         # The service runs the HTTP face on its Unix socket; the credential
         # socket and the TCP endpoint are added once it runs. A failure of

@@ -49,3 +49,35 @@ def test_the_check_sees_an_offence(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from credproxy.broker import Broker\n")
     assert "credproxy.broker" in imported_modules(module)
+
+
+# What runs inside the sandbox of credproxy run --sandbox: it must not carry
+# the host's side in with it (the broker, the stores, the service, the run).
+SANDBOX_SIDE = ("_sandbox_init.py", "_relay.py", "_sandbox_control.py", "_command.py")
+SANDBOX_SIDE_FORBIDDEN = (
+    "broker",
+    "stores",
+    "oauth",
+    "service",
+    "tap",
+    "cli",
+    "wire",
+    "inner",
+    "_run",
+    "_lifecycle",
+    "_sandbox",
+    "_bwrap",
+    "_process",
+)
+
+
+@pytest.mark.parametrize("module", SANDBOX_SIDE)
+def test_the_sandbox_side_imports_nothing_of_the_hosts(module: str) -> None:
+    offences = [
+        name
+        for name in imported_modules(PACKAGE / module)
+        if name.split(".")[0] == "credproxy"
+        and len(name.split(".")) > 1
+        and name.split(".")[1] in SANDBOX_SIDE_FORBIDDEN
+    ]
+    assert offences == []

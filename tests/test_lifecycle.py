@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -35,6 +36,15 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from credproxy._command import (
+    EXIT_CANNOT_RUN,
+    EXIT_CREDPROXY_FAILED,
+    EXIT_NOT_FOUND,
+    TOKEN_FD,
+    CommandNotRunnable,
+    exit_status,
+    resolve_command,
+)
 from credproxy._lifecycle import (
     LOOPBACK_HTTP_ENDPOINT,
     MAX_SOCKET_PATH_BYTES,
@@ -49,17 +59,10 @@ from credproxy._lifecycle import (
     socket_paths,
 )
 from credproxy._run import (
-    EXIT_CANNOT_RUN,
-    EXIT_CREDPROXY_FAILED,
-    EXIT_NOT_FOUND,
-    TOKEN_FD,
-    CommandNotRunnable,
     RunOptions,
     RunSession,
     child_environment,
-    exit_status,
     main,
-    resolve_command,
 )
 from credproxy._secret import Secret
 from credproxy.broker.credentials import EnvironmentCredentialSource
@@ -398,6 +401,71 @@ async def test_each_http_endpoint_takes_only_what_it_should(
         status, _ = await deferToThread(post, UnixHTTPConnection(handle.http_socket), "placeholder")
         assert status == 200
         assert upstream.received[-1].header("x-api-key") == REAL_KEY
+    finally:
+        await handle.stop()
+
+
+# A request to the HTTP socket (argv[1]) with the key on stdin, from uid 65534;
+# prints the answer's status. The standard library only: the system
+# interpreter runs it.
+_NOBODY_POST = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+body = json.dumps({"model": "m", "max_tokens": 1, "messages": []}).encode()
+s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\nx-api-key: "
+          + sys.stdin.read().encode() + b"\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b" ")[1].decode())
+"""
+
+
+def post_as_nobody_with(path: str, key: str) -> str:
+    from tests.integration.unprivileged import NOBODY, SYSTEM_PYTHON
+
+    result = subprocess.run(
+        [SYSTEM_PYTHON, "-c", _NOBODY_POST, path],
+        input=key,
+        user=NOBODY,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+@pytest_twisted.ensureDeferred
+async def test_a_sandboxs_http_socket_wants_the_placeholder_and_an_allowed_uid(
+    runtime: str, upstream: Upstream
+) -> None:
+    config = replace(
+        memory_config(runtime, upstream=upstream.url),
+        tcp_http_endpoint=None,
+        placeholder_on_socket=True,
+    )
+    handle = await start_real(runtime, config=config)
+    try:
+        assert handle.http_url is None and handle.http_token is not None
+        placeholder = handle.http_token.reveal()
+        status, _ = await deferToThread(post, UnixHTTPConnection(handle.http_socket), placeholder)
+        assert status == 200
+        assert upstream.received[-1].header("x-api-key") == REAL_KEY
+        for wrong in (handle.capability_token.reveal(), "placeholder"):
+            status, _ = await deferToThread(post, UnixHTTPConnection(handle.http_socket), wrong)
+            assert status == 401
+        # The uid check still comes first: another uid with the right
+        # placeholder is refused (the directory opened so that only the
+        # face, not the kernel, decides).
+        os.chmod(os.path.dirname(runtime), 0o755)  # noqa: S103 - the test's own throwaway directory
+        os.chmod(runtime, 0o755)  # noqa: S103 - as above
+        os.chmod(handle.http_socket, 0o666)  # noqa: S103 - as above
+        assert await deferToThread(post_as_nobody_with, handle.http_socket, placeholder) == "403"
+        assert len(upstream.received) == 1
     finally:
         await handle.stop()
 

@@ -5,7 +5,8 @@ The command of the C{credproxy run} tests, playing an agent in a sandbox.
     run_agent.py exit STATUS     exit STATUS at once
     run_agent.py wait READY [handle]
                                  create the file READY, then wait (30 s at most);
-                                 with "handle", INT, TERM and HUP print and exit 100 + N
+                                 with "handle", INT, TERM, HUP and WINCH print and
+                                 exit 100 + N
     run_agent.py crash           die by SIGKILL
 
 The report (one JSON object on stdout) holds what the test must judge
@@ -112,7 +113,7 @@ def wait(ready: str, handle: bool) -> int:
         os._exit(100 + signum)
 
     if handle:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
             signal.signal(signum, on_signal)
     with open(ready, "w") as f:
         f.write(str(os.getpid()))

@@ -10,7 +10,6 @@ from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.logger._flatten import KeyFlattener
 
 from credproxy._limits import FloodLog
 from credproxy.http._body import RequestBody
@@ -27,8 +26,6 @@ _MODEL_SEARCH_SPAN = 64 * 1024
 MAX_AUDIT_PATH: Final = 256
 _CUT_MARKER: Final = "...[cut]"
 _EMPTY_BODY: Final = RequestBody()
-# The key twisted.logger's flattener gives the format's one field, "{line}".
-_LINE_KEY: Final = KeyFlattener().flatKey("line", "", "s")
 
 
 def shown_path(path: bytes) -> str:
@@ -86,11 +83,7 @@ def audit(
         # The flood gate left out this many refusals like this one.
         line += f" suppressed={suppressed}"
         fields["suppressed"] = suppressed
-    # Given as twisted.logger's own flattened form too: a text observer then
-    # renders the line with a lookup instead of string.Formatter, whose
-    # pure-Python formatting of even one field was a sixth of a short
-    # stream's cost. (Twisted's JSON serialization writes the same key.)
-    audit_log.info("{line}", line=line, log_flattened={_LINE_KEY: line}, **fields)
+    audit_log.info("{line}", line=line, **fields)
 
 
 class RefusalAudit:

@@ -31,7 +31,7 @@ from credproxy._listen import (
     unix_description,
 )
 from credproxy._secret import Secret
-from credproxy.broker import Broker, SandboxPolicy
+from credproxy.broker import Broker, RedisRefreshLock, SandboxPolicy
 from credproxy.broker._lock_file import (
     FileRefreshLock,
     InProcessRefreshLock,
@@ -51,8 +51,10 @@ from credproxy.stores import (
     DEFAULT_BUCKET,
     BlockingCalls,
     IBlockingCalls,
+    RedisStoreConfig,
     StoreUnavailable,
     default_state_dir,
+    is_redis_url,
     open_host_stores,
 )
 from credproxy.wire import RPCFace
@@ -98,6 +100,8 @@ class BrokerConfig:
     bucket: str = DEFAULT_BUCKET
     sandbox_readable: frozenset[str] | None = None
     allow_sandbox_login: bool = False
+    # How to reach and read a Redis store (C{store} a redis://, rediss:// or unix:// URL).
+    redis: RedisStoreConfig = field(default_factory=RedisStoreConfig)
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,17 @@ def build_broker(
     @raise CredproxyConfigError: the store is unusable or the provider file bad.
     """
     state_dir = config.state_dir or default_state_dir()
-    if config.store != "memory":
+    if config.store != "memory" and not is_redis_url(config.store):
         _private_state_dir(state_dir)
     try:
-        stores = open_host_stores(config.store, state_dir, calls, backend=keyring_backend)
+        stores = open_host_stores(
+            config.store,
+            state_dir,
+            calls,
+            backend=keyring_backend,
+            reactor=reactor,
+            redis=config.redis,
+        )
     except StoreUnavailable as e:
         raise CredproxyConfigError(str(e)) from None
     try:
@@ -189,7 +200,9 @@ def build_broker(
         oauth, reactor, oauth_agent if oauth_agent is not None else default_oauth_agent(reactor)
     )
     lock: IRefreshLock
-    if config.store == "memory":
+    if stores.redis is not None:
+        lock = RedisRefreshLock(reactor, stores.redis)  # the fleet's: every host takes it
+    elif config.store == "memory":
         lock = InProcessRefreshLock()  # nothing outside this process can see the tokens
     else:
         locks = os.path.join(state_dir, LOCKS_DIR_NAME)
@@ -206,6 +219,7 @@ def build_broker(
         refresh_lock=lock,
         sandbox=SandboxPolicy(config.sandbox_readable, config.allow_sandbox_login),
         store_description=stores.description,
+        store_service=stores.redis,
         renew=renew,
     )
 

@@ -25,7 +25,7 @@ from zope.interface import Interface, implementer
 
 from credproxy._secret import Secret
 from credproxy.broker._errors import RefreshError, RefreshFailure
-from credproxy.stores._interfaces import DEFAULT_BUCKET, StoreError
+from credproxy.stores._interfaces import DEFAULT_BUCKET, StoreDown, StoreError
 from credproxy.stores._token import Token
 
 if TYPE_CHECKING:
@@ -77,6 +77,11 @@ class UpstreamCredential:
         or a token from the environment is what it is.
         """
         return self.kind is CredentialKind.OAUTH and self.provider is not None
+
+
+# The reason of a CredentialUnavailable whose store cannot be read: the HTTP
+# face answers it with 503 (the host's trouble, for the moment), not 502.
+STORE_UNAVAILABLE = "store_unavailable"
 
 
 class CredentialUnavailable(Exception):
@@ -373,10 +378,12 @@ def _store_unreadable(failure: Failure) -> NoReturn:
     credproxy's words; the store's own safe message goes to the log.
     """
     failure.trap(StoreError)
-    log.error("The credential store cannot be read: {error}", error=str(failure.value))
+    # An outage of a shared store is logged by the store, once; not per request.
+    emit = log.debug if failure.check(StoreDown) else log.error
+    emit("The credential store cannot be read: {error}", error=str(failure.value))
     raise CredentialUnavailable(
         "credproxy could not read its credential store; see its log on the host.",
-        reason="store_unavailable",
+        reason=STORE_UNAVAILABLE,
         transient=True,
     )
 

@@ -1,0 +1,651 @@
+"""
+The host's stores on Redis (C{--store redis://...}), shared by every
+credproxy of a fleet.
+
+What Redis holds, under one key prefix (C{credproxy:} unless told):
+
+    <prefix>token:<provider>:<bucket>   a hash: v (version), d (sealed token JSON)
+    <prefix>key:<name>                  a hash: v (version), d (sealed key)
+    <prefix>tokens, <prefix>keys        sets: what is stored (names only)
+    <prefix>version                     the counter every change takes its version from
+    <prefix>invalidate                  the channel every change is announced on
+    <prefix>lock:<provider>:<bucket>    the fleet's refresh locks (the broker's)
+
+Names are percent-encoded, so no name can pose as another. Values are
+sealed with AES-GCM (L{credproxy.stores._crypto}), the entry's names as
+associated data. Saves and removes are Lua scripts: the write, the index,
+the version and the announcement happen at once, and a save can be made
+conditional on the version it read (L{ICompareAndSetTokenStore}).
+
+Each host keeps a short read cache (L{CACHE_TTL}). The announcements carry
+the version of the change, so a host drops exactly the entries that are
+older than a change it hears of, and its own saves keep their cached value.
+When the subscription is lost, missed announcements cannot be known: the
+cache is cleared when it is back, and the TTL bounds what a host may serve
+meanwhile.
+
+Every Redis call blocks, so it runs on L{IBlockingCalls}; L{RedisConnection}
+answers every call at once while Redis is known to be down (one log line per
+outage, a background probe with backoff), so requests get a clear error
+instead of waiting on connection timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import redis
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from credproxy._secret import Secret
+from credproxy.stores._counters import RequestCounters
+from credproxy.stores._crypto import ValueCipher, associated_data
+from credproxy.stores._interfaces import (
+    DEFAULT_BUCKET,
+    BucketStats,
+    ICompareAndSetTokenStore,
+    IHostProviderKeyStore,
+    IHostTokenStore,
+    StoreCorrupt,
+    StoreDown,
+    StoreError,
+    StoreTimeout,
+)
+from credproxy.stores._redis_target import RedisTarget
+from credproxy.stores._threads import IBlockingCalls
+from credproxy.stores._token import Token
+
+log = Logger(namespace="credproxy.stores.redis")
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_T = TypeVar("_T")
+Entry = tuple[str, str]
+
+DEFAULT_PREFIX = "credproxy:"
+MAX_PREFIX_CHARS = 64
+# How long a cached read is served without asking Redis: the announcements
+# clear it sooner; this bounds what a host serves while they cannot reach it.
+CACHE_TTL = 5.0
+MAX_CACHED_ENTRIES = 4096
+MAX_VALUE_BYTES = 1024 * 1024  # a sealed value; a token is a few KiB
+MAX_INDEX_MEMBERS = 100_000
+MAX_ANNOUNCEMENT_BYTES = 8192
+# The background probe while Redis is down: first delay, doubling up to the last.
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 10.0
+SUBSCRIBER_POLL = 0.5  # seconds the subscriber waits for a message before checking for stop
+UNSEEN = -1  # the version of an entry this host has never read
+
+_SAVE = """
+local current = redis.call('HGET', KEYS[1], 'v') or '0'
+if ARGV[1] ~= '*' and current ~= ARGV[1] then return {0, current} end
+local version = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], version .. ' ' .. ARGV[5])
+return {1, version}
+"""
+_REMOVE = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+local version = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[2], version .. ' ' .. ARGV[3])
+return {existed, version}
+"""
+_OUTAGES = (redis.ConnectionError, redis.TimeoutError, StoreTimeout, OSError)
+
+
+class _Listener:
+    """
+    What the connection tells a store: announcements and cache clears.
+    """
+
+    def announced(self, kind: str, member: str, version: int) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+class RedisConnection(Service):
+    """
+    One Redis target shared by a host's token store, key store and refresh
+    lock: the client, the invalidation subscriber (a thread of its own, since
+    it blocks for as long as it runs) and the outage state.
+
+    Started and stopped as a service (the broker starts it): the subscriber
+    runs only while it runs. L{call} works whether or not it runs, so short
+    commands (C{credproxy set-key}) need no subscriber.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        calls: IBlockingCalls,
+        target: RedisTarget,
+        *,
+        password: Secret | None = None,
+        ca_file: str | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if not prefix or len(prefix) > MAX_PREFIX_CHARS or not prefix.isprintable():
+            raise ValueError(f"a Redis key prefix has 1 to {MAX_PREFIX_CHARS} printable characters")
+        self.reactor = reactor
+        self.calls = calls
+        self.target = target
+        self.prefix = prefix
+        self.description = target.description
+        self.client = client if client is not None else target.client(password, ca_file)
+        self.channel = f"{prefix}invalidate"
+        self.save_script = self.client.register_script(_SAVE)
+        self.remove_script = self.client.register_script(_REMOVE)
+        self.down_since: float | None = None
+        self.subscribed = False
+        self._backoff = BACKOFF_FIRST
+        self._probe: IDelayedCall | None = None
+        self._listeners: list[_Listener] = []
+        self._stopping = threading.Event()
+        self._subscriber: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = "down" if self.down_since is not None else "up"
+        return f"<RedisConnection {self.description} {state}>"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(quote(part, safe="") for part in parts)
+
+    def listen(self, listener: _Listener) -> None:
+        self._listeners.append(listener)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping.clear()
+        self._subscriber = threading.Thread(
+            target=self._subscribe, name="credproxy-redis-subscriber", daemon=True
+        )
+        self._subscriber.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._stopping.set()  # the thread ends within SUBSCRIBER_POLL; it is a daemon
+        self._subscriber = None
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+
+    # -- calls -----------------------------------------------------------------
+
+    def unavailable(self) -> StoreDown:
+        return StoreDown(f"Redis store {self.description} is unavailable")
+
+    def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """
+        C{f(*args)} on the store's threads; at once a L{StoreError} while
+        Redis is known to be down. A Redis failure becomes a L{StoreError}
+        naming only the failure's type (a server's message may quote a
+        command, and so a value).
+        """
+        if self.down_since is not None:
+            return fail(self.unavailable())
+        return self.calls.run(f, *args).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        if failure.check(*_OUTAGES):
+            self._went_down(failure.type.__name__ if failure.type else "unknown")
+            raise self.unavailable()
+        if failure.check(redis.RedisError):
+            kind = failure.type.__name__ if failure.type else "unknown"
+            raise StoreError(f"Redis store {self.description}: the call failed ({kind})")
+        return failure
+
+    def _went_down(self, kind: str) -> None:
+        if self.down_since is not None:
+            return
+        self.down_since = self.reactor.seconds()
+        log.error(
+            "Redis store {store} is unavailable ({kind}): answering reads from the cache while"
+            " it is fresh, errors otherwise; retrying in the background",
+            store=self.description,
+            kind=kind,
+        )
+        self._backoff = BACKOFF_FIRST
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        self._probe = self.reactor.callLater(self._backoff, self._try_again)
+
+    def _try_again(self) -> None:
+        self._probe = None
+
+        def answered(_: object) -> None:
+            down_since, self.down_since = self.down_since, None
+            if down_since is not None:
+                log.info(
+                    "Redis store {store} answers again after {seconds:.1f} s",
+                    store=self.description,
+                    seconds=self.reactor.seconds() - down_since,
+                )
+            self._clear_all()  # what was cached may have changed meanwhile
+
+        def still_down(_: Failure) -> None:
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            if self.down_since is not None:
+                self._schedule_probe()
+
+        self.calls.run(self.client.ping).addCallbacks(answered, still_down)
+
+    def ping(self) -> Deferred[bool]:
+        """
+        Whether Redis answers now (for status): never raises.
+        """
+        return self.calls.run(self.client.ping).addCallbacks(lambda _: True, lambda _: False)
+
+    # -- announcements ---------------------------------------------------------
+
+    def _subscribe(self) -> None:
+        """
+        The subscriber thread: listens on the channel until stopped,
+        subscribing again with backoff whenever the connection is lost.
+        """
+        backoff = BACKOFF_FIRST
+        while not self._stopping.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=SUBSCRIBER_POLL)
+                    if message is None:
+                        continue
+                    if message.get("type") == "subscribe":
+                        backoff = BACKOFF_FIRST
+                        self.reactor.callFromThread(self._subscription_up)
+                    elif message.get("type") == "message":
+                        self.reactor.callFromThread(self._announced, message.get("data"))
+            except (redis.RedisError, OSError):
+                self.reactor.callFromThread(self._subscription_lost)
+            finally:
+                with contextlib.suppress(redis.RedisError, OSError):
+                    pubsub.close()
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _subscription_up(self) -> None:
+        self.subscribed = True
+        self._clear_all()  # announcements made while it was not subscribed are lost
+
+    def _subscription_lost(self) -> None:
+        self.subscribed = False
+
+    def _announced(self, data: object) -> None:
+        if not isinstance(data, bytes) or len(data) > MAX_ANNOUNCEMENT_BYTES:
+            return
+        try:
+            version_text, kind, member = data.decode("utf-8").split(" ", 2)
+            version = int(version_text)
+        except ValueError:
+            return  # not ours (anyone who may publish can send anything)
+        for listener in self._listeners:
+            listener.announced(kind, member, version)
+
+    def _clear_all(self) -> None:
+        for listener in self._listeners:
+            listener.clear()
+
+
+class _RedisEntries(_Listener, Generic[_K, _V]):
+    """
+    What both Redis stores share: the entries of one kind, their sealed
+    values, the cache and the index.
+    """
+
+    kind: str
+    index_name: str
+
+    def __init__(self, connection: RedisConnection, cipher: ValueCipher) -> None:
+        self.connection = connection
+        self.cipher = cipher
+        self.description = f"redis ({connection.description})"
+        self.index_key = connection.key(self.index_name)
+        self.version_key = connection.key("version")
+        # entry -> (value or None when known absent, its version, when read)
+        self._cache: dict[_K, tuple[_V | None, int, float]] = {}
+        self._generation = 0
+        connection.listen(self)
+
+    # -- what each store says ---------------------------------------------------
+
+    def _names(self, entry: _K) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _member(self, entry: _K) -> str:
+        raise NotImplementedError
+
+    def _parse_member(self, member: str) -> _K:
+        raise NotImplementedError
+
+    def _encode(self, value: _V) -> bytes:
+        raise NotImplementedError
+
+    def _decode(self, data: bytes, where: str) -> _V:
+        raise NotImplementedError
+
+    def _what(self, entry: _K) -> str:
+        return f"the {self.kind} {'/'.join(self._names(entry))}"
+
+    def _key(self, entry: _K) -> str:
+        return self.connection.key(self.kind, *self._names(entry))
+
+    # -- blocking, on the store's threads ---------------------------------------
+
+    def _read_blocking(self, entry: _K) -> tuple[_V | None, int]:
+        key = self._key(entry)
+        version, sealed = self.connection.client.hmget(key, ["v", "d"])
+        if sealed is None:
+            return None, 0
+        if not isinstance(sealed, bytes):  # the client is made without decode_responses
+            raise StoreCorrupt(f"Redis key {key} does not hold bytes")
+        where = f"Redis key {key}"
+        if len(sealed) > MAX_VALUE_BYTES:
+            raise StoreCorrupt(f"{where} is larger than {MAX_VALUE_BYTES} bytes; not credproxy's")
+        try:
+            number = int(version)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise StoreCorrupt(f"{where} has no version; not changed") from None
+        aad = associated_data(self.kind, *self._names(entry))
+        plaintext, old_key = self.cipher.open(sealed, aad, where)
+        value = self._decode(plaintext, where)
+        if old_key:  # sealed under a key being retired: seal it under the current one
+            saved, new_version = self._write_blocking(
+                entry, self.cipher.seal(plaintext, aad), number
+            )
+            if saved:
+                number = new_version
+        return value, number
+
+    def _write_blocking(self, entry: _K, sealed: bytes, expected: int | None) -> tuple[bool, int]:
+        if len(sealed) > MAX_VALUE_BYTES:
+            raise StoreError(f"{self._what(entry)} is larger than {MAX_VALUE_BYTES} bytes")
+        member = self._member(entry)
+        saved, version = self.connection.save_script(
+            keys=[self._key(entry), self.index_key, self.version_key],
+            args=[
+                "*" if expected is None else str(expected),
+                sealed,
+                member,
+                self.connection.channel,
+                f"{self.kind} {member}",
+            ],
+        )
+        return bool(saved), int(version)
+
+    def _remove_blocking(self, entry: _K) -> tuple[bool, int]:
+        member = self._member(entry)
+        existed, version = self.connection.remove_script(
+            keys=[self._key(entry), self.index_key, self.version_key],
+            args=[member, self.connection.channel, f"{self.kind} {member}"],
+        )
+        return bool(existed), int(version)
+
+    def _index_blocking(self) -> set[_K]:
+        client = self.connection.client
+        if client.scard(self.index_key) > MAX_INDEX_MEMBERS:
+            raise StoreCorrupt(
+                f"Redis key {self.index_key} has more than {MAX_INDEX_MEMBERS} members"
+            )
+        found: set[_K] = set()
+        for member in client.smembers(self.index_key):
+            try:
+                text = member.decode("utf-8") if isinstance(member, bytes) else member
+                found.add(self._parse_member(text))
+            except ValueError:
+                raise StoreCorrupt(f"Redis key {self.index_key} is not a credproxy index") from None
+        return found
+
+    # -- on the reactor ---------------------------------------------------------
+
+    def _now(self) -> float:
+        return float(self.connection.reactor.seconds())
+
+    def _remember(self, entry: _K, value: _V | None, version: int) -> None:
+        if entry not in self._cache and len(self._cache) >= MAX_CACHED_ENTRIES:
+            del self._cache[next(iter(self._cache))]  # the oldest
+        self._cache[entry] = (value, version, self._now())
+
+    def _get(self, entry: _K) -> Deferred[_V | None]:
+        cached = self._cache.get(entry)
+        if cached is not None and self._now() - cached[2] < CACHE_TTL:
+            return succeed(cached[0])
+        return self._read(entry).addCallback(lambda outcome: outcome[0])
+
+    def _read(self, entry: _K) -> Deferred[tuple[_V | None, int]]:
+        generation = self._generation
+
+        def read(outcome: tuple[_V | None, int]) -> tuple[_V | None, int]:
+            if generation == self._generation:
+                self._remember(entry, *outcome)
+            return outcome
+
+        return self.connection.call(self._read_blocking, entry).addCallback(read)
+
+    def _save(self, entry: _K, value: _V, expected: int | None) -> Deferred[bool]:
+        try:
+            plaintext = self._encode(value)
+        except StoreError as e:
+            return fail(e)
+        sealed = self.cipher.seal(plaintext, associated_data(self.kind, *self._names(entry)))
+
+        def written(outcome: tuple[bool, int]) -> bool:
+            saved, version = outcome
+            if saved:
+                self._remember(entry, value, version)
+            else:
+                self._cache.pop(entry, None)
+            return saved
+
+        def unknown(failure: Failure) -> Failure:
+            self._cache.pop(entry, None)  # the write may or may not have happened
+            return failure
+
+        return self.connection.call(self._write_blocking, entry, sealed, expected).addCallbacks(
+            written, unknown
+        )
+
+    def _remove(self, entry: _K) -> Deferred[bool]:
+        def removed(outcome: tuple[bool, int]) -> bool:
+            existed, version = outcome
+            self._remember(entry, None, version)
+            self._removed(entry)
+            return existed
+
+        def unknown(failure: Failure) -> Failure:
+            self._cache.pop(entry, None)
+            return failure
+
+        return self.connection.call(self._remove_blocking, entry).addCallbacks(removed, unknown)
+
+    def _removed(self, entry: _K) -> None:
+        """
+        Once C{entry} is removed: forget what else the store keeps of it.
+        """
+
+    def _entries(self) -> Deferred[set[_K]]:
+        return self.connection.call(self._index_blocking)
+
+    def _invalidate(self, entry: _K) -> None:
+        self._cache.pop(entry, None)
+        self._generation += 1
+
+    def announced(self, kind: str, member: str, version: int) -> None:
+        if kind != self.kind:
+            return
+        try:
+            entry = self._parse_member(member)
+        except ValueError:
+            return
+        cached = self._cache.get(entry)
+        if cached is None or cached[1] < version:
+            self._invalidate(entry)
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._generation += 1
+
+
+@implementer(IHostTokenStore, ICompareAndSetTokenStore)
+class RedisTokenStore(_RedisEntries[Entry, Token]):
+    """
+    OAuth tokens on Redis, one sealed hash per provider and bucket.
+    """
+
+    kind = "token"
+    index_name = "tokens"
+
+    def __repr__(self) -> str:
+        return f"<RedisTokenStore {self.connection.description} cached={len(self._cache)}>"
+
+    @cached_property
+    def counters(self) -> RequestCounters:
+        return RequestCounters()
+
+    def _names(self, entry: Entry) -> tuple[str, ...]:
+        return entry
+
+    def _member(self, entry: Entry) -> str:
+        return json.dumps(list(entry), ensure_ascii=True, separators=(",", ":"))
+
+    def _parse_member(self, member: str) -> Entry:
+        try:
+            data = json.loads(member)
+        except ValueError:
+            raise ValueError("not an entry") from None
+        if (
+            isinstance(data, list)
+            and len(data) == 2
+            and isinstance(data[0], str)
+            and isinstance(data[1], str)
+        ):
+            return (data[0], data[1])
+        raise ValueError("not an entry")
+
+    def _encode(self, value: Token) -> bytes:
+        return json.dumps(value.to_json(), separators=(",", ":")).encode("utf-8")
+
+    def _decode(self, data: bytes, where: str) -> Token:
+        try:
+            fields = json.loads(data)
+        except ValueError:
+            raise StoreCorrupt(f"{where} does not hold a token; not changed") from None
+        if not isinstance(fields, dict):
+            raise StoreCorrupt(f"{where} does not hold a token; not changed")
+        return Token(fields)
+
+    def _removed(self, entry: Entry) -> None:
+        self.counters.forget(*entry)
+
+    @staticmethod
+    def _entry(provider: str, bucket: str | None) -> Entry:
+        return (provider, bucket or DEFAULT_BUCKET)
+
+    def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
+        return self._get(self._entry(provider, bucket))
+
+    def save_token(self, provider: str, token: Token, bucket: str | None = None) -> Deferred[None]:
+        return self._save(self._entry(provider, bucket), Token(token), None).addCallback(
+            lambda _: None
+        )
+
+    def read_token_version(
+        self, provider: str, bucket: str | None = None
+    ) -> Deferred[tuple[Token | None, int]]:
+        return self._read(self._entry(provider, bucket))
+
+    def save_token_if(
+        self, provider: str, token: Token, bucket: str | None, version: int
+    ) -> Deferred[bool]:
+        return self._save(self._entry(provider, bucket), Token(token), version)
+
+    def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
+        return self._remove(self._entry(provider, bucket)).addCallback(lambda _: None)
+
+    def list_providers(self) -> Deferred[list[str]]:
+        return self._entries().addCallback(lambda index: sorted({p for p, _ in index}))
+
+    def list_buckets(self, provider: str) -> Deferred[list[str]]:
+        return self._entries().addCallback(
+            lambda index: sorted(b for p, b in index if p == provider)
+        )
+
+    def get_bucket_stats(
+        self, provider: str, bucket: str | None = None
+    ) -> Deferred[BucketStats | None]:
+        return self.counters.stats_if_stored(self.get_token(provider, bucket), provider, bucket)
+
+    def record_request(self, provider: str, bucket: str | None, when: float) -> None:
+        self.counters.record(provider, bucket, when)
+
+    def invalidate(self, provider: str, bucket: str | None = None) -> None:
+        self._invalidate(self._entry(provider, bucket))
+
+
+@implementer(IHostProviderKeyStore)
+class RedisProviderKeyStore(_RedisEntries[str, Secret]):
+    """
+    Named API keys on Redis, one sealed hash each.
+    """
+
+    kind = "key"
+    index_name = "keys"
+
+    def __repr__(self) -> str:
+        return f"<RedisProviderKeyStore {self.connection.description} cached={len(self._cache)}>"
+
+    def _names(self, entry: str) -> tuple[str, ...]:
+        return (entry,)
+
+    def _member(self, entry: str) -> str:
+        return entry
+
+    def _parse_member(self, member: str) -> str:
+        return member
+
+    def _encode(self, value: Secret) -> bytes:
+        return value.reveal().encode("utf-8", "surrogatepass")
+
+    def _decode(self, data: bytes, where: str) -> Secret:
+        try:
+            return Secret(data.decode("utf-8", "surrogatepass"))
+        except UnicodeDecodeError:
+            raise StoreCorrupt(f"{where} does not hold a key; not changed") from None
+
+    def get_key(self, name: str) -> Deferred[Secret | None]:
+        return self._get(name)
+
+    def save_key(self, name: str, key: Secret) -> Deferred[None]:
+        return self._save(name, key, None).addCallback(lambda _: None)
+
+    def delete_key(self, name: str) -> Deferred[bool]:
+        return self._remove(name)
+
+    def list_keys(self) -> Deferred[list[str]]:
+        return self._entries().addCallback(sorted)
+
+    def has_key(self, name: str) -> Deferred[bool]:
+        return self.get_key(name).addCallback(lambda key: key is not None)
+
+    def invalidate(self, name: str) -> None:
+        self._invalidate(name)

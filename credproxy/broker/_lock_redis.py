@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import LockError, LockNotOwnedError
+from redis.exceptions import LockNotOwnedError
 from redis.lock import Lock
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -73,26 +73,26 @@ class _RedisHeld:
         if lock is None:
             return
 
-        def lost(failure: Failure) -> None:
-            if self._lock is None:
+        def extended(owned: bool) -> None:
+            if owned or self._lock is None:
                 return
-            if failure.check(LockNotOwnedError):
-                log.warn(
-                    "The fleet refresh lock of {provider}/{bucket} expired while it was held;"
-                    " the compare-and-set save still guards the token",
-                    provider=self._entry[0],
-                    bucket=self._entry[1],
-                )
-                self._stop()
-            else:
-                log.warn(
-                    "Could not extend the fleet refresh lock of {provider}/{bucket}: {kind}",
-                    provider=self._entry[0],
-                    bucket=self._entry[1],
-                    kind=_failure_kind(failure),
-                )
+            log.warn(
+                "The fleet refresh lock of {provider}/{bucket} expired while it was held;"
+                " the compare-and-set save still guards the token",
+                provider=self._entry[0],
+                bucket=self._entry[1],
+            )
+            self._stop()
 
-        self._owner.connection.call(lock.reacquire).addErrback(lost)
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "Could not extend the fleet refresh lock of {provider}/{bucket}: {kind}",
+                provider=self._entry[0],
+                bucket=self._entry[1],
+                kind=_failure_kind(failure),
+            )
+
+        self._owner.connection.call(_extend, lock).addCallbacks(extended, failed)
 
     def _stop(self) -> None:
         self._lock = None
@@ -106,8 +106,6 @@ class _RedisHeld:
         self._stop()
 
         def failed(failure: Failure) -> None:
-            if failure.check(LockNotOwnedError):
-                return  # it had expired; whoever has it now keeps it
             log.warn(
                 "Releasing the fleet refresh lock of {provider}/{bucket} failed ({kind});"
                 " it expires on its own",
@@ -116,7 +114,8 @@ class _RedisHeld:
                 kind=_failure_kind(failure),
             )
 
-        self._owner.connection.call(lock.release).addErrback(failed)
+        # Not owned any more (it expired): whoever has it now keeps it.
+        self._owner.connection.call(_release, lock).addErrback(failed)
 
 
 @implementer(IRefreshLock)
@@ -190,7 +189,7 @@ class RedisRefreshLock:
         def failed(failure: Failure) -> None:
             if waiting.called:
                 return
-            if failure.check(StoreError, LockError):
+            if failure.check(StoreError):
                 waiting.errback(
                     RefreshLockError(
                         f"cannot take the refresh lock of {provider}/{bucket}:"
@@ -214,3 +213,25 @@ def _try(lock: Lock) -> bool:
     Blocking: one C{SET NX PX} with a fresh random owner token.
     """
     return bool(lock.acquire(blocking=False))
+
+
+def _extend(lock: Lock) -> bool:
+    """
+    Blocking: reset the expiry to the full TTL if we still own it.
+    """
+    try:
+        lock.reacquire()
+    except LockNotOwnedError:
+        return False
+    return True
+
+
+def _release(lock: Lock) -> bool:
+    """
+    Blocking: delete the lock if we still own it; whether we did.
+    """
+    try:
+        lock.release()
+    except LockNotOwnedError:
+        return False
+    return True

@@ -84,7 +84,7 @@ MAX_INDEX_MEMBERS = 100_000
 MAX_ANNOUNCEMENT_BYTES = 8192
 # The background probe while Redis is down: first delay, doubling up to the last.
 BACKOFF_FIRST = 0.2
-BACKOFF_MAX = 10.0
+BACKOFF_MAX = 5.0
 SUBSCRIBER_POLL = 0.5  # seconds the subscriber waits for a message before checking for stop
 UNSEEN = -1  # the version of an entry this host has never read
 

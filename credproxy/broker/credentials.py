@@ -79,9 +79,11 @@ class UpstreamCredential:
         return self.kind is CredentialKind.OAUTH and self.provider is not None
 
 
-# The reason of a CredentialUnavailable whose store cannot be read: the HTTP
-# face answers it with 503 (the host's trouble, for the moment), not 502.
+# The reason of a CredentialUnavailable whose shared store's server does not
+# answer (Redis down): the HTTP face answers it with 503, a trouble of the
+# moment; a store that answers with what it cannot read is STORE_UNREADABLE.
 STORE_UNAVAILABLE = "store_unavailable"
+STORE_UNREADABLE = "store_unreadable"
 
 
 class CredentialUnavailable(Exception):
@@ -378,12 +380,13 @@ def _store_unreadable(failure: Failure) -> NoReturn:
     credproxy's words; the store's own safe message goes to the log.
     """
     failure.trap(StoreError)
+    down = failure.check(StoreDown) is not None
     # An outage of a shared store is logged by the store, once; not per request.
-    emit = log.debug if failure.check(StoreDown) else log.error
+    emit = log.debug if down else log.error
     emit("The credential store cannot be read: {error}", error=str(failure.value))
     raise CredentialUnavailable(
         "credproxy could not read its credential store; see its log on the host.",
-        reason=STORE_UNAVAILABLE,
+        reason=STORE_UNAVAILABLE if down else STORE_UNREADABLE,
         transient=True,
     )
 

@@ -29,6 +29,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from credproxy._secret import Secret
+from credproxy.broker import RedisRefreshLock
 from credproxy.broker._locks import MAX_MERGE_ATTEMPTS, merge_into_store
 from credproxy.cli import Console, new_token
 from credproxy.stores import (
@@ -60,6 +61,11 @@ from tests.stores.contract import (
     token,
 )
 
+# What docs/fleet.md tells operators to allow credproxy's ACL user.
+ACL_COMMANDS = (
+    "ping hmget scard smembers set evalsha script|load subscribe client|setname select"
+    " hget hset incr sadd srem del publish get pexpire pttl"
+).split()
 KEY_ONE = bytes.fromhex("5c" * 16 + "a3" * 16)
 KEY_TWO = bytes.fromhex("19" * 16 + "e7" * 16)
 
@@ -405,7 +411,7 @@ class TargetTests(RedisCase):
             passwords=[f"+{password}"],
             keys=[f"{self.prefix}*"],
             channels=[f"{self.prefix}*"],
-            commands=["+@all"],
+            commands=[f"+{command}" for command in ACL_COMMANDS],
         )
         self.addCleanup(self.raw.acl_deluser, user)
         directory = tempfile.mkdtemp(prefix="cp-redis-pw-")
@@ -423,7 +429,24 @@ class TargetTests(RedisCase):
         assert stores.redis is not None
         self.addCleanup(stores.redis.client.close)
         self.successResultOf(stores.keys.save_key("k", Secret(KEY)))
+        stores.keys.invalidate("k")
         self.assertEqual(self.successResultOf(stores.keys.get_key("k")), Secret(KEY))
+        self.assertEqual(self.successResultOf(stores.keys.list_keys()), ["k"])
+        self.successResultOf(stores.tokens.save_token("p", token()))
+        self.assertFalse(self.successResultOf(stores.tokens.save_token_if("p", token(), None, 0)))
+        self.successResultOf(stores.tokens.remove_token("p"))
+        self.assertTrue(self.successResultOf(stores.redis.ping()))
+        lock = RedisRefreshLock(self.clock, stores.redis)
+        held = self.successResultOf(lock.acquire("p", "default"))
+        self.clock.advance(lock.ttl / 3)  # extended
+        self.assertGreater(self.raw.pttl(f"{self.prefix}lock:p:default"), (lock.ttl - 1) * 1000)
+        held.release()
+        self.assertEqual(self.raw.exists(f"{self.prefix}lock:p:default"), 0)
+        pubsub = stores.redis.client.pubsub()
+        pubsub.subscribe(stores.redis.channel)
+        message = pubsub.get_message(timeout=5)
+        self.assertEqual(message and message["type"], "subscribe")
+        pubsub.close()
         self.assertNotIn(password, stores.description + repr(stores.keys) + repr(stores.redis))
 
         # The ACL allows only its prefix: another prefix is refused.
@@ -573,3 +596,64 @@ class OutageTests(RedisCase):
         self.server.stop()
         self.failureResultOf(keys.save_key("k", Secret("sk-new-0b7")), StoreDown)
         self.assertNotIn("k", keys._cache)  # the write's fate is unknown
+
+
+@pytest.fixture(scope="module")
+def tls_redis() -> Iterator[RedisServer]:
+    """
+    A redis-server that also speaks TLS, with a certificate for localhost
+    from a CA made for this run only.
+    """
+    from tests.integration.test_http_upstream_tls import make_pki
+    from tests.redisserver import TLSFiles, start_redis
+
+    pki = make_pki()
+    directory = tempfile.mkdtemp(prefix="cp-redis-tls-")
+    ca = os.path.join(directory, "ca.pem")
+    cert_and_key = os.path.join(directory, "server.pem")
+    with open(ca, "wb") as f:
+        f.write(pki.ca_pem)
+    with open(os.open(cert_and_key, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+        f.write(pki.server_pem)
+    server = start_redis(tls=TLSFiles(ca, cert_and_key))
+    try:
+        yield server
+    finally:
+        server.remove()
+        subprocess.run(["rm", "-rf", directory], check=True)
+
+
+@pytest.fixture
+def _tls(request: pytest.FixtureRequest, tls_redis: RedisServer) -> None:
+    request.instance.server = tls_redis
+
+
+@pytest.mark.usefixtures("_tls")
+class TLSTests(RedisCase):
+    def ca(self) -> str:
+        assert self.server.tls is not None
+        return self.server.tls.ca
+
+    def test_verified_tls(self) -> None:
+        url = f"rediss://localhost:{self.server.tls_port}/0"
+        tokens = self.tokens(url=url, ca_file=self.ca())
+        self.successResultOf(tokens.save_token("anthropic", token()))
+        self.assertEqual(self.successResultOf(self.tokens().get_token("anthropic")), token())
+        self.assertEqual(tokens.description, f"redis (rediss://localhost:{self.server.tls_port}/0)")
+
+    def test_an_untrusted_certificate_is_refused(self) -> None:
+        tokens = self.tokens(url=f"rediss://localhost:{self.server.tls_port}/0")  # system CAs
+        with captured_log() as events:
+            self.failureResultOf(tokens.get_token("anthropic"), StoreDown)
+        self.assertIn("is unavailable (ConnectionError)", log_text(events))
+
+    def test_a_certificate_for_another_name_is_refused(self) -> None:
+        url = f"rediss://127.0.0.1:{self.server.tls_port}/0"  # the certificate names localhost
+        tokens = self.tokens(url=url, ca_file=self.ca())
+        with captured_log():
+            self.failureResultOf(tokens.get_token("anthropic"), StoreDown)
+
+    def test_plain_redis_on_the_tls_port_does_not_work(self) -> None:
+        tokens = self.tokens(url=f"redis://127.0.0.1:{self.server.tls_port}/0")
+        with captured_log():
+            self.failureResultOf(tokens.get_token("anthropic"), StoreDown)

@@ -232,15 +232,17 @@ def open_host_stores(
     C{keys.json} in C{state_dir}), C{memory}, or C{auto} (keyring when
     usable, else file, saying why in the description).
 
+    A Redis URL (C{redis://}, C{rediss://}, C{unix://}) gives the stores on
+    Redis, with C{redis} saying how to reach and read it; that opens no
+    connection yet (the first call or the started connection does).
+
     Called once at start: it blocks for at most C{probe_timeout} seconds
     while it asks the Secret Service.
 
     @param backend: the keyring backend to consider; None means the keyring
         library's own choice (C{keyring.get_keyring()}).
-    A Redis URL (C{redis://}, C{rediss://}, C{unix://}) gives the stores on
-    Redis, with C{redis} saying how to reach and read it; that opens no
-    connection yet (the first call or the started connection does).
-
+    @param reactor: for a Redis store: its timers and threads report to it.
+    @param redis: for a Redis store: how to reach and read it.
     @raise ValueError: for an unknown C{kind}.
     @raise StoreUnavailable: the store cannot be used; one line says why.
     """

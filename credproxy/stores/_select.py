@@ -249,7 +249,8 @@ def open_host_stores(
     if is_redis_url(kind):
         if reactor is None:
             raise ValueError(
-                "a Redis store needs the reactor (its timers and threads report to it)"
+                "a Redis store is opened by the credproxy service and its commands only"
+                " (it needs their reactor and --store-key-file)"
             )
         return _redis_stores(kind, calls, reactor, redis or RedisStoreConfig())
     if kind == "memory":

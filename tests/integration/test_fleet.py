@@ -174,6 +174,32 @@ def post_all(paths: list[str], per_host: int) -> list[tuple[int, bytes]]:
     return answers
 
 
+def save_fields_concurrently(paths: list[str], per_host: int = 8) -> list[str]:
+    """
+    C{per_host} clients per host, all at once, each saving a field of its
+    own into the token of provider C{merged}.
+    """
+    barrier = threading.Barrier(len(paths) * per_host)
+    names = [f"field_{p}_{i}" for p in range(len(paths)) for i in range(per_host)]
+
+    def one(path: str, name: str) -> None:
+        with BlockingProxySocketClient(path, request_timeout=20) as client:
+            client.request("list_providers", {})  # connected and handshaken
+            barrier.wait(30)
+            client.request("save_token", {"provider": "merged", "token": {name: name}})
+
+    threads = [
+        threading.Thread(target=one, args=(paths[p], f"field_{p}_{i}"))
+        for p in range(len(paths))
+        for i in range(per_host)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return names
+
+
 @pytest_twisted.ensureDeferred
 async def test_three_hosts_refresh_once_and_see_each_others_saves(
     redis_server: RedisServer, fleet_files: tuple[str, str], upstream: Upstream
@@ -221,6 +247,12 @@ async def test_three_hosts_refresh_once_and_see_each_others_saves(
                     assert time.monotonic() - saved_at < CACHE_TTL / 2, "not announced"
                     await deferLater(reactor, 0.02, lambda: None)
             assert got["access_token"] == "o-1"
+        # Concurrent saves of different fields through all three hosts: each
+        # is a compare-and-set, a lost race merges again, and no field is lost.
+        fields = await deferToThread(save_fields_concurrently, [h.cred_sock for h in hosts])
+        merged = fleet.stored("merged")
+        assert merged is not None
+        assert {k: merged[k] for k in fields} == {k: k for k in fields}
         await fleet.stop()
         for name in "abc":  # a Redis host keeps nothing on its disk
             assert not os.path.exists(os.path.join(fleet.state_dir(name), "tokens.json"))
@@ -230,8 +262,8 @@ async def test_three_hosts_refresh_once_and_see_each_others_saves(
 
 @dataclass
 class Seen:
-    http: list[tuple[float, int, bytes]]
-    wire: list[tuple[float, str]]
+    http: list[tuple[float, int, bytes, str]]  # when, status, body, which host
+    wire: list[tuple[float, str, str]]  # when, answer, which host
 
 
 def load(paths: list[Running], stop: threading.Event, seen: Seen) -> None:
@@ -241,12 +273,12 @@ def load(paths: list[Running], stop: threading.Event, seen: Seen) -> None:
     while not stop.is_set():
         for host in paths:
             status, body = post_messages(host.http_sock, stream=False)
-            seen.http.append((time.monotonic(), status, body))
+            seen.http.append((time.monotonic(), status, body, host.runtime))
             try:
                 request(host.cred_sock, "get_token", {"provider": "anthropic"})
-                seen.wire.append((time.monotonic(), "ok"))
+                seen.wire.append((time.monotonic(), "ok", host.runtime))
             except ProxyRequestError as e:
-                seen.wire.append((time.monotonic(), f"{e.code} {e.message}"))
+                seen.wire.append((time.monotonic(), f"{e.code} {e.message}", host.runtime))
         time.sleep(0.05)
 
 
@@ -274,13 +306,15 @@ async def test_redis_stopped_and_started_again_under_load(
             return time.monotonic()
 
         await until("requests served", lambda: len(seen.http) >= 4, 20)
+        assert {s for _, s, _, _ in seen.http} == {200}
         server.stop()
         stopped = time.monotonic()
+        everyone = {host.runtime for host in hosts}
         await until(
-            "errors on both faces",
+            "errors on both faces of every host",
             lambda: (
-                any(s == 503 for t, s, _ in seen.http if t > stopped)
-                and any(r != "ok" for t, r in seen.wire if t > stopped)
+                {h for t, s, _, h in seen.http if t > stopped and s == 503} == everyone
+                and {h for t, r, h in seen.wire if t > stopped and r != "ok"} == everyone
             ),
             CACHE_TTL + 10,
         )
@@ -288,20 +322,20 @@ async def test_redis_stopped_and_started_again_under_load(
         restarted = time.monotonic()
         await until(
             "service to resume",
-            lambda: sum(1 for t, s, _ in seen.http if t > restarted and s == 200) >= 4,
+            lambda: {h for t, s, _, h in seen.http if t > restarted and s == 200} == everyone,
             20,
         )
         stop.set()
         await deferToThread(worker.join, 30)
 
-        during = [(s, b) for t, s, b in seen.http if stopped < t < restarted]
+        during = [(s, b) for t, s, b, _ in seen.http if stopped < t < restarted]
         assert {s for s, _ in during} <= {200, 503}  # fresh cached reads, then 503
         for status, body in during:
             if status == 503:
                 error = json.loads(body)["error"]
                 assert error["type"] == "overloaded_error"
                 assert STORE_DOWN_TEXT in error["message"]
-        wire = {r for t, r in seen.wire if stopped < t < restarted}
+        wire = {r for t, r, _ in seen.wire if stopped < t < restarted}
         assert wire <= {"ok", "INTERNAL_ERROR Credential store unavailable"}, wire
         assert "INTERNAL_ERROR Credential store unavailable" in wire
         await fleet.stop()

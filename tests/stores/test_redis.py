@@ -33,6 +33,7 @@ from credproxy.broker import RedisRefreshLock
 from credproxy.broker._locks import MAX_MERGE_ATTEMPTS, merge_into_store
 from credproxy.cli import Console, new_token
 from credproxy.stores import (
+    ICompareAndSetTokenStore,
     IProviderKeyStore,
     ITokenStore,
     RedisConnection,
@@ -63,9 +64,10 @@ from tests.stores.contract import (
 
 # What docs/fleet.md tells operators to allow credproxy's ACL user.
 ACL_COMMANDS = (
-    "ping hmget scard smembers set evalsha script|load subscribe client|setname select"
-    " hget hset incr sadd srem del publish get pexpire pttl"
-).split()
+    *("ping", "hmget", "scard", "smembers", "set", "evalsha", "script|load", "subscribe"),
+    *("client|setname", "select"),
+    *("hget", "hset", "incr", "sadd", "srem", "del", "publish", "get", "pexpire", "pttl"),
+)
 KEY_ONE = bytes.fromhex("5c" * 16 + "a3" * 16)
 KEY_TWO = bytes.fromhex("19" * 16 + "e7" * 16)
 
@@ -433,7 +435,8 @@ class TargetTests(RedisCase):
         self.assertEqual(self.successResultOf(stores.keys.get_key("k")), Secret(KEY))
         self.assertEqual(self.successResultOf(stores.keys.list_keys()), ["k"])
         self.successResultOf(stores.tokens.save_token("p", token()))
-        self.assertFalse(self.successResultOf(stores.tokens.save_token_if("p", token(), None, 0)))
+        shared = ICompareAndSetTokenStore(stores.tokens)
+        self.assertFalse(self.successResultOf(shared.save_token_if("p", token(), None, 0)))
         self.successResultOf(stores.tokens.remove_token("p"))
         self.assertTrue(self.successResultOf(stores.redis.ping()))
         lock = RedisRefreshLock(self.clock, stores.redis)

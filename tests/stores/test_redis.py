@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 import redis
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -33,6 +34,7 @@ from credproxy.broker import RedisRefreshLock
 from credproxy.broker._locks import MAX_MERGE_ATTEMPTS, merge_into_store
 from credproxy.cli import Console, new_token
 from credproxy.stores import (
+    BlockingCalls,
     ICompareAndSetTokenStore,
     IProviderKeyStore,
     ITokenStore,
@@ -660,3 +662,54 @@ class TLSTests(RedisCase):
         tokens = self.tokens(url=f"redis://127.0.0.1:{self.server.tls_port}/0")
         with captured_log():
             self.failureResultOf(tokens.get_token("anthropic"), StoreDown)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_subscriber_hears_other_hosts_and_subscribes_again(
+    redis_server: RedisServer,
+) -> None:
+    """
+    With the real reactor and the store's threads: another host's save
+    clears this host's cached entry through the announcement alone (well
+    within the cache's lifetime), and after the subscription is killed the
+    subscriber subscribes again by itself and clears the cache.
+    """
+    from twisted.internet import reactor
+
+    prefix = unique_prefix()
+    calls = BlockingCalls(reactor)
+    calls.startService()
+    connection = RedisConnection(reactor, calls, parse_redis_url(redis_server.url), prefix=prefix)
+    mine = RedisTokenStore(connection, ValueCipher(KEY_ONE))
+    other = RedisTokenStore(
+        RedisConnection(reactor, calls, parse_redis_url(redis_server.url), prefix=prefix),
+        ValueCipher(KEY_ONE),
+    )
+    raw = redis_server.client()
+
+    async def until(what: str, condition: Any) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    connection.startService()
+    try:
+        await until("the subscription", lambda: connection.subscribed)
+        await other.save_token("anthropic", token("first"))
+        assert (await mine.get_token("anthropic")) == token("first")  # cached now
+        await other.save_token("anthropic", token("second"))
+        await until("the announcement", lambda: ("anthropic", "default") not in mine._cache)
+        assert (await mine.get_token("anthropic")) == token("second")
+
+        raw.client_kill_filter(_type="pubsub")
+        await until("the subscription lost", lambda: not connection.subscribed)
+        await until("subscribed again", lambda: connection.subscribed)
+        assert mine._cache == {}  # what was missed meanwhile cannot be known
+    finally:
+        connection.stopService()
+        await calls.stopService()
+        for key in raw.scan_iter(match=f"{prefix}*"):
+            raw.delete(key)
+        raw.close()

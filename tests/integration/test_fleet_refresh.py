@@ -7,6 +7,9 @@ refresh tokens as Anthropic's does.
  - Ten refreshes asked of each of three hosts make one token call.
  - The lock holder killed (SIGKILL) while its token call hangs: the lock
    expires, another host refreshes, no token is lost, nobody is logged out.
+ - A host whose lock does not cover the others (as after a failover) spends
+   a refresh token another host has just rotated: its invalid_grant re-reads
+   the store and it uses the other host's token; nothing is lost.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ class Fleet:
         self.store.get_token(PROVIDER, BUCKET).addCallback(result.append)
         return result[0]
 
-    def spawn(self, name: str, token_url: str | None = None) -> Worker:
+    def spawn(
+        self, name: str, token_url: str | None = None, lock_prefix: str | None = None
+    ) -> Worker:
         worker = Worker(name)
         config = self.server.pkce_config(PROVIDER)
         if token_url is not None:
@@ -80,6 +85,7 @@ class Fleet:
             self.key_file,
             json.dumps(asdict(config)),
             str(LOCK_TTL),
+            *([lock_prefix] if lock_prefix else []),
         ]
         processes.spawnProcess(worker, sys.executable, argv, env=dict(os.environ), path=ROOT)
         self.workers.append(worker)
@@ -172,4 +178,32 @@ async def test_the_lock_holder_killed_mid_refresh(fleet: Fleet) -> None:
         raw.close()
     finally:
         await maybeDeferred(hole.stopListening)
+    fleet.scan_logs()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_without_the_lock_is_saved_by_the_re_read(fleet: Fleet) -> None:
+    server = fleet.server
+    login = server.issue_token()
+    await fleet.store.save_token(PROVIDER, login, BUCKET)
+    a = fleet.spawn("a")
+    b = fleet.spawn("b", lock_prefix=unique_prefix())
+    assert await a.ask("prime") == {"stored": True}
+    assert await b.ask("prime") == {"stored": True}
+
+    server.delay = 1.0  # a's answer (and so a's save) comes 1 s after its call
+    from_a = Deferred.fromCoroutine(a.ask("refresh 1"))
+    await until(lambda: server.grants["refresh_token"] == 1, "a's token call")
+    server.delay = 3.0  # b's refusal arrives well after a has saved
+    from_b = Deferred.fromCoroutine(b.ask("refresh 5"))
+    answer_a, answer_b = await gatherResults([from_a, from_b])
+
+    assert server.grants["refresh_token"] == 2  # a's, and b's refused one
+    stored = fleet.stored()
+    assert stored is not None and stored.refresh_token is not None
+    assert server.is_live(stored.refresh_token)
+    assert not server.is_live(login.refresh_token or "")
+    assert answer_a == {"tokens": [digest(stored.access_token)], "errors": []}
+    assert answer_b == {"tokens": [digest(stored.access_token)] * 5, "errors": []}
+    assert b.log.count(": adopted after 1 provider call(s)") == 1
     fleet.scan_logs()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any, Generic, TypeVar
@@ -107,16 +108,22 @@ return {existed, version}
 _OUTAGES = (redis.ConnectionError, redis.TimeoutError, StoreTimeout, OSError)
 
 
-class _Listener:
+class _Listener(ABC):
     """
     What the connection tells a store: announcements and cache clears.
     """
 
+    @abstractmethod
     def announced(self, kind: str, member: str, version: int) -> None:
-        raise NotImplementedError
+        """
+        Some host changed C{member} of C{kind}; the change has C{version}.
+        """
 
+    @abstractmethod
     def clear(self) -> None:
-        raise NotImplementedError
+        """
+        Forget every cached read.
+        """
 
 
 class RedisConnection(Service):
@@ -329,20 +336,39 @@ class _RedisEntries(_Listener, Generic[_K, _V]):
 
     # -- what each store says ---------------------------------------------------
 
+    @abstractmethod
     def _names(self, entry: _K) -> tuple[str, ...]:
-        raise NotImplementedError
+        """
+        The names of C{entry}: its Redis key's parts and its associated data.
+        """
 
+    @abstractmethod
     def _member(self, entry: _K) -> str:
-        raise NotImplementedError
+        """
+        How the index and the announcements name C{entry}.
+        """
 
+    @abstractmethod
     def _parse_member(self, member: str) -> _K:
-        raise NotImplementedError
+        """
+        The entry an index member or announcement names.
 
+        @raise ValueError: it names none.
+        """
+
+    @abstractmethod
     def _encode(self, value: _V) -> bytes:
-        raise NotImplementedError
+        """
+        A value as the plaintext that is sealed.
+        """
 
+    @abstractmethod
     def _decode(self, data: bytes, where: str) -> _V:
-        raise NotImplementedError
+        """
+        Opened plaintext as a value.
+
+        @raise StoreCorrupt: it is not one.
+        """
 
     def _what(self, entry: _K) -> str:
         return f"the {self.kind} {'/'.join(self._names(entry))}"

@@ -46,7 +46,7 @@ from credproxy.stores import (
     default_state_dir,
     is_redis_url,
 )
-from credproxy.stores._redis import DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX
+from credproxy.stores._redis_connection import DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX
 from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 _DEFAULTS = HTTPProxyConfig()

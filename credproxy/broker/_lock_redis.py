@@ -37,7 +37,7 @@ from credproxy.broker._lock_file import (
     RefreshLockTimeout,
 )
 from credproxy.stores._interfaces import StoreError
-from credproxy.stores._redis import RedisConnection
+from credproxy.stores._redis_connection import RedisConnection
 
 log = Logger(namespace="credproxy.broker.refresh")
 

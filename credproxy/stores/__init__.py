@@ -24,7 +24,8 @@ from credproxy.stores._interfaces import (
 )
 from credproxy.stores._keyring import KeyringProviderKeyStore, KeyringTokenStore
 from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
-from credproxy.stores._redis import RedisConnection, RedisProviderKeyStore, RedisTokenStore
+from credproxy.stores._redis import RedisProviderKeyStore, RedisTokenStore
+from credproxy.stores._redis_connection import RedisConnection
 from credproxy.stores._redis_target import is_redis_url
 from credproxy.stores._select import (
     STORE_KINDS,

@@ -24,28 +24,18 @@ When the subscription is lost, missed announcements cannot be known: the
 cache is cleared when it is back, and the TTL bounds what a host may serve
 meanwhile.
 
-Every Redis call blocks, so it runs on L{IBlockingCalls}; L{RedisConnection}
-answers every call at once while Redis is known to be down (one log line per
-outage, a background probe with backoff), so requests get a clear error
-instead of waiting on connection timeouts.
+Every Redis call goes through the shared L{RedisConnection}, which runs it
+off the reactor thread and knows when Redis is down.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from abc import abstractmethod
 from functools import cached_property
-from typing import Any, Generic, TypeVar
-from urllib.parse import quote
+from typing import Generic, TypeVar
 
-import redis
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -59,35 +49,21 @@ from credproxy.stores._interfaces import (
     IHostProviderKeyStore,
     IHostTokenStore,
     StoreCorrupt,
-    StoreDown,
     StoreError,
-    StoreTimeout,
 )
-from credproxy.stores._redis_target import RedisTarget
-from credproxy.stores._threads import IBlockingCalls
+from credproxy.stores._redis_connection import AnnouncementListener, RedisConnection
 from credproxy.stores._token import Token
-
-log = Logger(namespace="credproxy.stores.redis")
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
-_T = TypeVar("_T")
 Entry = tuple[str, str]
 
-DEFAULT_PREFIX = "credproxy:"
-MAX_PREFIX_CHARS = 64
 # How long a cached read is served without asking Redis: the announcements
 # clear it sooner; this bounds what a host serves while they cannot reach it.
 CACHE_TTL = 5.0
 MAX_CACHED_ENTRIES = 4096
 MAX_VALUE_BYTES = 1024 * 1024  # a sealed value; a token is a few KiB
 MAX_INDEX_MEMBERS = 100_000
-MAX_ANNOUNCEMENT_BYTES = 8192
-# The background probe while Redis is down: first delay, doubling up to the last.
-BACKOFF_FIRST = 0.2
-BACKOFF_MAX = 5.0
-SUBSCRIBER_POLL = 0.5  # seconds the subscriber waits for a message before checking for stop
-UNSEEN = -1  # the version of an entry this host has never read
 
 _SAVE = """
 local current = redis.call('HGET', KEYS[1], 'v') or '0'
@@ -105,216 +81,9 @@ local version = redis.call('INCR', KEYS[3])
 redis.call('PUBLISH', ARGV[2], version .. ' ' .. ARGV[3])
 return {existed, version}
 """
-_OUTAGES = (redis.ConnectionError, redis.TimeoutError, StoreTimeout, OSError)
 
 
-class _Listener(ABC):
-    """
-    What the connection tells a store: announcements and cache clears.
-    """
-
-    @abstractmethod
-    def announced(self, kind: str, member: str, version: int) -> None:
-        """
-        Some host changed C{member} of C{kind}; the change has C{version}.
-        """
-
-    @abstractmethod
-    def clear(self) -> None:
-        """
-        Forget every cached read.
-        """
-
-
-class RedisConnection(Service):
-    """
-    One Redis target shared by a host's token store, key store and refresh
-    lock: the client, the invalidation subscriber (a thread of its own, since
-    it blocks for as long as it runs) and the outage state.
-
-    Started and stopped as a service (the broker starts it): the subscriber
-    runs only while it runs. L{call} works whether or not it runs, so short
-    commands (C{credproxy set-key}) need no subscriber.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        calls: IBlockingCalls,
-        target: RedisTarget,
-        *,
-        password: Secret | None = None,
-        ca_file: str | None = None,
-        prefix: str = DEFAULT_PREFIX,
-        client: redis.Redis | None = None,
-    ) -> None:
-        if not prefix or len(prefix) > MAX_PREFIX_CHARS or not prefix.isprintable():
-            raise ValueError(f"a Redis key prefix has 1 to {MAX_PREFIX_CHARS} printable characters")
-        self.reactor = reactor
-        self.calls = calls
-        self.target = target
-        self.prefix = prefix
-        self.description = target.description
-        self.client = client if client is not None else target.client(password, ca_file)
-        self.channel = f"{prefix}invalidate"
-        self.save_script = self.client.register_script(_SAVE)
-        self.remove_script = self.client.register_script(_REMOVE)
-        self.down_since: float | None = None
-        self.subscribed = False
-        self._backoff = BACKOFF_FIRST
-        self._probe: IDelayedCall | None = None
-        self._listeners: list[_Listener] = []
-        self._stopping = threading.Event()
-        self._subscriber: threading.Thread | None = None
-
-    def __repr__(self) -> str:
-        state = "down" if self.down_since is not None else "up"
-        return f"<RedisConnection {self.description} {state}>"
-
-    def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(quote(part, safe="") for part in parts)
-
-    def listen(self, listener: _Listener) -> None:
-        self._listeners.append(listener)
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def startService(self) -> None:
-        super().startService()
-        self._stopping.clear()
-        self._subscriber = threading.Thread(
-            target=self._subscribe, name="credproxy-redis-subscriber", daemon=True
-        )
-        self._subscriber.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self._stopping.set()  # the thread ends within SUBSCRIBER_POLL; it is a daemon
-        self._subscriber = None
-        if self._probe is not None and self._probe.active():
-            self._probe.cancel()
-        self._probe = None
-
-    # -- calls -----------------------------------------------------------------
-
-    def unavailable(self) -> StoreDown:
-        return StoreDown(f"Redis store {self.description} is unavailable")
-
-    def call(self, f: Callable[..., _T], *args: Any) -> Deferred[_T]:
-        """
-        C{f(*args)} on the store's threads; at once a L{StoreError} while
-        Redis is known to be down. A Redis failure becomes a L{StoreError}
-        naming only the failure's type (a server's message may quote a
-        command, and so a value).
-        """
-        if self.down_since is not None:
-            return fail(self.unavailable())
-        return self.calls.run(f, *args).addErrback(self._failed)
-
-    def _failed(self, failure: Failure) -> Failure:
-        if failure.check(*_OUTAGES):
-            self._went_down(failure.type.__name__ if failure.type else "unknown")
-            raise self.unavailable()
-        if failure.check(redis.RedisError):
-            kind = failure.type.__name__ if failure.type else "unknown"
-            raise StoreError(f"Redis store {self.description}: the call failed ({kind})")
-        return failure
-
-    def _went_down(self, kind: str) -> None:
-        if self.down_since is not None:
-            return
-        self.down_since = self.reactor.seconds()
-        log.error(
-            "Redis store {store} is unavailable ({kind}): answering reads from the cache while"
-            " it is fresh, errors otherwise; retrying in the background",
-            store=self.description,
-            kind=kind,
-        )
-        self._backoff = BACKOFF_FIRST
-        self._schedule_probe()
-
-    def _schedule_probe(self) -> None:
-        self._probe = self.reactor.callLater(self._backoff, self._try_again)
-
-    def _try_again(self) -> None:
-        self._probe = None
-
-        def answered(_: object) -> None:
-            down_since, self.down_since = self.down_since, None
-            if down_since is not None:
-                log.info(
-                    "Redis store {store} answers again after {seconds:.1f} s",
-                    store=self.description,
-                    seconds=self.reactor.seconds() - down_since,
-                )
-            self._clear_all()  # what was cached may have changed meanwhile
-
-        def still_down(_: Failure) -> None:
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-            if self.down_since is not None:
-                self._schedule_probe()
-
-        self.calls.run(self.client.ping).addCallbacks(answered, still_down)
-
-    def ping(self) -> Deferred[bool]:
-        """
-        Whether Redis answers now (for status): never raises.
-        """
-        return self.calls.run(self.client.ping).addCallbacks(lambda _: True, lambda _: False)
-
-    # -- announcements ---------------------------------------------------------
-
-    def _subscribe(self) -> None:
-        """
-        The subscriber thread: listens on the channel until stopped,
-        subscribing again with backoff whenever the connection is lost.
-        """
-        backoff = BACKOFF_FIRST
-        while not self._stopping.is_set():
-            pubsub = self.client.pubsub()
-            try:
-                pubsub.subscribe(self.channel)
-                while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=SUBSCRIBER_POLL)
-                    if message is None:
-                        continue
-                    if message.get("type") == "subscribe":
-                        backoff = BACKOFF_FIRST
-                        self.reactor.callFromThread(self._subscription_up)
-                    elif message.get("type") == "message":
-                        self.reactor.callFromThread(self._announced, message.get("data"))
-            except (redis.RedisError, OSError):
-                self.reactor.callFromThread(self._subscription_lost)
-            finally:
-                with contextlib.suppress(redis.RedisError, OSError):
-                    pubsub.close()
-            self._stopping.wait(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-
-    def _subscription_up(self) -> None:
-        self.subscribed = True
-        self._clear_all()  # announcements made while it was not subscribed are lost
-
-    def _subscription_lost(self) -> None:
-        self.subscribed = False
-
-    def _announced(self, data: object) -> None:
-        if not isinstance(data, bytes) or len(data) > MAX_ANNOUNCEMENT_BYTES:
-            return
-        try:
-            version_text, kind, member = data.decode("utf-8").split(" ", 2)
-            version = int(version_text)
-        except ValueError:
-            return  # not ours (anyone who may publish can send anything)
-        for listener in self._listeners:
-            listener.announced(kind, member, version)
-
-    def _clear_all(self) -> None:
-        for listener in self._listeners:
-            listener.clear()
-
-
-class _RedisEntries(_Listener, Generic[_K, _V]):
+class _RedisEntries(AnnouncementListener, Generic[_K, _V]):
     """
     What both Redis stores share: the entries of one kind, their sealed
     values, the cache and the index.
@@ -332,6 +101,8 @@ class _RedisEntries(_Listener, Generic[_K, _V]):
         # entry -> (value or None when known absent, its version, when read)
         self._cache: dict[_K, tuple[_V | None, int, float]] = {}
         self._generation = 0
+        self._save_script = connection.client.register_script(_SAVE)
+        self._remove_script = connection.client.register_script(_REMOVE)
         connection.listen(self)
 
     # -- what each store says ---------------------------------------------------
@@ -407,7 +178,7 @@ class _RedisEntries(_Listener, Generic[_K, _V]):
         if len(sealed) > MAX_VALUE_BYTES:
             raise StoreError(f"{self._what(entry)} is larger than {MAX_VALUE_BYTES} bytes")
         member = self._member(entry)
-        saved, version = self.connection.save_script(
+        saved, version = self._save_script(
             keys=[self._key(entry), self.index_key, self.version_key],
             args=[
                 "*" if expected is None else str(expected),
@@ -421,7 +192,7 @@ class _RedisEntries(_Listener, Generic[_K, _V]):
 
     def _remove_blocking(self, entry: _K) -> tuple[bool, int]:
         member = self._member(entry)
-        existed, version = self.connection.remove_script(
+        existed, version = self._remove_script(
             keys=[self._key(entry), self.index_key, self.version_key],
             args=[member, self.connection.channel, f"{self.kind} {member}"],
         )

@@ -33,12 +33,8 @@ from credproxy.stores._keyring import (
     KeyringTokenStore,
 )
 from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
-from credproxy.stores._redis import (
-    DEFAULT_PREFIX,
-    RedisConnection,
-    RedisProviderKeyStore,
-    RedisTokenStore,
-)
+from credproxy.stores._redis import RedisProviderKeyStore, RedisTokenStore
+from credproxy.stores._redis_connection import DEFAULT_PREFIX, RedisConnection
 from credproxy.stores._redis_target import is_redis_url, parse_redis_url
 from credproxy.stores._threads import IBlockingCalls
 

@@ -51,6 +51,7 @@ from credproxy.stores import (
 )
 from credproxy.stores import _redis as redis_module
 from credproxy.stores._crypto import ValueCipher, key_id, read_store_key_file
+from credproxy.stores._redis_connection import MAX_ANNOUNCEMENT_BYTES
 from credproxy.stores._redis_target import parse_redis_url
 from credproxy.testing import InlineBlockingCalls
 from tests.logcapture import captured_log, log_text
@@ -263,7 +264,7 @@ class CacheTests(RedisCase):
         self.successResultOf(tokens.save_token("anthropic", token()))
         before = self.calls.calls
         member = json.dumps(["anthropic", "default"], separators=(",", ":"))
-        too_long = f"999999 token {member}".encode() + b" " * redis_module.MAX_ANNOUNCEMENT_BYTES
+        too_long = f"999999 token {member}".encode() + b" " * MAX_ANNOUNCEMENT_BYTES
         for junk in (b"", b"x token y", b"12 token [1]", "ü".encode(), too_long, 12):
             tokens.connection._announced(junk)
         self.successResultOf(tokens.get_token("anthropic"))

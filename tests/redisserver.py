@@ -24,11 +24,6 @@ REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (apt-get install redis-server)"
-)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,6 +133,12 @@ class RedisServer:
 
 
 def start_redis(*, tls: TLSFiles | None = None, extra: tuple[str, ...] = ()) -> RedisServer:
+    """
+    A fresh redis-server in a private directory of its own; the calling
+    test is skipped when redis-server is not installed.
+    """
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     directory = tempfile.mkdtemp(prefix="cp-redis-", dir="/tmp")  # short: a Unix socket path
     os.chmod(directory, 0o700)
     server = RedisServer(

@@ -88,7 +88,9 @@ class BrokerConfig:
     Where the broker keeps credentials and what it lets sandboxes do.
 
     C{store} is C{auto} (a Secret Service keyring when one answers, else
-    files in C{state_dir}), C{keyring}, C{file} or C{memory}. C{oauth_config}
+    files in C{state_dir}), C{keyring}, C{file}, C{memory}, or the URL of a
+    Redis that a fleet of hosts shares (with C{redis} saying how to reach
+    and read it). C{oauth_config}
     is a TOML file of OAuth providers; without it the built-in C{anthropic}
     provider is configured. C{bucket} is the bucket of the stored anthropic
     token the HTTP face uses.
@@ -170,8 +172,8 @@ def build_broker(
 ) -> Broker:
     """
     The broker the configuration describes: its stores, its OAuth providers
-    and, for stores other processes can share, the file lock that makes a
-    refresh happen once per host.
+    and, for stores other processes can share, the lock that makes a
+    refresh happen once: a file lock per host, or the fleet's lock in Redis.
 
     A command that lives for seconds passes C{renew=False}: it must not
     refresh tokens behind the user's back.

@@ -6,10 +6,13 @@ capability token, on a Unix socket, under the epoll reactor.
 
     python -m bench._wire_server SOCKET_PATH [--log FILE | --no-log]
                                  [--store file --state-dir DIR]
+                                 [--store redis://... --store-key-file F --redis-prefix P]
 
 With C{--store file} the tokens are the file store's (C{DIR/tokens.json},
 read through the store's thread pool once and then from its cache) instead
-of memory; the file must already hold the token (L{seed_file_store}).
+of memory; the file must already hold the token (L{seed_file_store}). With a
+Redis URL they are the Redis store's (read through the thread pool when the
+cache is cold, announcements subscribed to); Redis must already hold it.
 
 The audit trail goes to FILE as text lines, as under C{twistd --logfile}
 (the cost of an audit line per op is part of what is measured), or nowhere
@@ -41,7 +44,9 @@ from credproxy.stores import (
     IProviderKeyStore,
     MemoryProviderKeyStore,
     MemoryTokenStore,
+    RedisStoreConfig,
     Token,
+    is_redis_url,
     open_host_stores,
 )
 from credproxy.testing import InlineBlockingCalls
@@ -94,8 +99,10 @@ def main() -> None:
     parser.add_argument("socket")
     parser.add_argument("--log", help="audit log file (text lines, as twistd writes)")
     parser.add_argument("--no-log", action="store_true", help="discard the audit trail")
-    parser.add_argument("--store", choices=("memory", "file"), default="memory")
+    parser.add_argument("--store", default="memory", help="memory, file or a Redis URL")
     parser.add_argument("--state-dir", help="the file store's directory (with --store file)")
+    parser.add_argument("--store-key-file", help="with a Redis store")
+    parser.add_argument("--redis-prefix", default="credproxy:", help="with a Redis store")
     args = parser.parse_args()
     # Warnings and errors also go to stderr, so the benchmark can show a failure.
     observers: list[ILogObserver] = [ErrorsOnly(textFileLogObserver(sys.stderr))]
@@ -114,6 +121,17 @@ def main() -> None:
         reactor.addSystemEventTrigger("after", "shutdown", calls.stopService)
         stores = open_host_stores("file", args.state_dir, calls)
         tokens, keys = stores.tokens, stores.keys
+    elif is_redis_url(args.store):
+        calls = BlockingCalls(reactor)
+        calls.startService()
+        reactor.addSystemEventTrigger("after", "shutdown", calls.stopService)
+        config = RedisStoreConfig(key_file=args.store_key_file, prefix=args.redis_prefix)
+        stores = open_host_stores(args.store, "/nonexistent", calls, reactor=reactor, redis=config)
+        assert stores.redis is not None
+        stores.redis.startService()
+        tokens, keys = stores.tokens, stores.keys
+    elif args.store != "memory":
+        parser.error("--store is memory, file or a Redis URL")
     else:
         tokens, keys = MemoryTokenStore(), MemoryProviderKeyStore()
         tokens.save_token(PROVIDER, TOKEN)

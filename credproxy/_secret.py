@@ -99,7 +99,12 @@ def read_secret_file(path: str) -> Secret:
     return Secret(value)
 
 
-def read_capability_token_file(path: str) -> Secret:
+def read_capability_token_file(
+    path: str,
+    *,
+    what: str = "capability token file",
+    min_bytes: int = MIN_CAPABILITY_TOKEN_BYTES,
+) -> Secret:
     """
     Read the capability token the service checks agents against, as
     L{read_secret_file} does, but refuse a file that cannot be holding a
@@ -110,6 +115,10 @@ def read_capability_token_file(path: str) -> Secret:
     whitespace. Every refusal is one line naming the path and what to do;
     none holds any of the file's content.
 
+    Other private secret files (the store key, a Redis password) are read
+    the same way: C{what} names the file in messages, C{min_bytes} is the
+    least it must hold.
+
     @raise ValueError: the file is not acceptable.
     @raise OSError: it cannot be opened or read.
     """
@@ -118,26 +127,26 @@ def read_capability_token_file(path: str) -> Secret:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"capability token file {path!r} is not a regular file")
+            raise ValueError(f"{what} {path!r} is not a regular file")
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o044:
             raise ValueError(
-                f"capability token file {path!r} is readable by group or others"
+                f"{what} {path!r} is readable by group or others"
                 f" (mode {mode:04o}); make it private with: chmod 600 {shlex.quote(path)}"
             )
         data = f.read(MAX_SECRET_FILE_BYTES + 1)
     if len(data) > MAX_SECRET_FILE_BYTES:
-        raise ValueError(f"capability token file {path!r} is larger than 64 KiB")
+        raise ValueError(f"{what} {path!r} is larger than 64 KiB")
     try:
         value = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         # Not the codec's message: it quotes the offending bytes.
-        raise ValueError(f"capability token file {path!r} is not UTF-8 text") from None
+        raise ValueError(f"{what} {path!r} is not UTF-8 text") from None
     if not value:
-        raise ValueError(f"capability token file {path!r} is empty")
-    if len(value.encode("utf-8")) < MIN_CAPABILITY_TOKEN_BYTES:
+        raise ValueError(f"{what} {path!r} is empty")
+    if len(value.encode("utf-8")) < min_bytes:
         raise ValueError(
-            f"capability token file {path!r} holds fewer than {MIN_CAPABILITY_TOKEN_BYTES}"
+            f"{what} {path!r} holds fewer than {min_bytes}"
             " bytes, too short to be unguessable; make a new one with: credproxy new-token"
             f" --force {shlex.quote(path)}"
         )

@@ -63,7 +63,7 @@ from credproxy._secret import Secret
 from credproxy.broker import Broker
 from credproxy.inner._login import ILoginBackend, LoginAdapter, StdioTerminal
 from credproxy.service import CredproxyConfigError, CredproxyService, build_broker
-from credproxy.stores import DEFAULT_BUCKET, BlockingCalls, StoreError, Token
+from credproxy.stores import DEFAULT_BUCKET, BlockingCalls, RedisConnection, StoreError, Token
 from credproxy.wire import _login_ops
 from credproxy.wire._ops import AuditRecord, Handler, OpContext, OpFailure
 from credproxy.wire._spec import Op
@@ -451,12 +451,22 @@ class StatusReport:
     providers: list[str]  # configured OAuth providers
     tokens: list[TokenStatus]
     keys: list[str]
+    # Whether a shared store's server (Redis) answers; None for a host's own store.
+    store_answers: bool | None = None
 
 
 async def gather_status(broker: Broker) -> StatusReport:
     """
-    Everything status shows, read through the broker.
+    Everything status shows, read through the broker. A Redis store is
+    asked first whether it answers; when it does not, nothing else is read.
     """
+    answers: bool | None = None
+    if isinstance(broker.store_service, RedisConnection):
+        answers = await broker.store_service.ping()
+        if not answers:
+            return StatusReport(
+                broker.store_description, sorted(broker.providers), [], [], store_answers=False
+            )
     tokens: list[TokenStatus] = []
     for provider in await broker.list_providers():
         for bucket in await broker.list_buckets(provider):
@@ -471,6 +481,7 @@ async def gather_status(broker: Broker) -> StatusReport:
         providers=sorted(broker.providers),
         tokens=tokens,
         keys=list(await broker.list_keys()),
+        store_answers=answers,
     )
 
 
@@ -502,8 +513,13 @@ def render_status(report: StatusReport, now: float) -> str:
     Status as text for a person.
     """
     lines = [f"Store: {report.store}"]
+    if report.store_answers is not None:
+        lines.append(f"Redis answers: {'yes' if report.store_answers else 'no'}")
     providers = ", ".join(report.providers) if report.providers else "none"
     lines.append(f"OAuth providers configured: {providers}")
+    if report.store_answers is False:
+        lines.append("OAuth tokens and API keys: unknown (the store does not answer)")
+        return "\n".join(lines)
     if report.tokens:
         lines.append("OAuth tokens:")
         width = max(len(f"{t.provider}/{t.bucket}") for t in report.tokens)
@@ -544,6 +560,7 @@ def status_json(report: StatusReport, now: float) -> dict[str, Any]:
         )
     return {
         "store": report.store,
+        "store_answers": report.store_answers,
         "providers_configured": report.providers,
         "tokens": tokens,
         "keys": report.keys,
@@ -559,7 +576,7 @@ async def status(
         console.say(json.dumps(status_json(report, now), indent=2, sort_keys=True))
     else:
         console.say(render_status(report, now))
-    return EXIT_OK
+    return EXIT_FAILED if report.store_answers is False else EXIT_OK
 
 
 # -- keys ----------------------------------------------------------------------------------

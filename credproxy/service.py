@@ -31,7 +31,7 @@ from credproxy._listen import (
     unix_description,
 )
 from credproxy._secret import Secret
-from credproxy.broker import Broker, SandboxPolicy
+from credproxy.broker import Broker, RedisRefreshLock, SandboxPolicy
 from credproxy.broker._lock_file import (
     FileRefreshLock,
     InProcessRefreshLock,
@@ -51,8 +51,10 @@ from credproxy.stores import (
     DEFAULT_BUCKET,
     BlockingCalls,
     IBlockingCalls,
+    RedisStoreConfig,
     StoreUnavailable,
     default_state_dir,
+    is_redis_url,
     open_host_stores,
 )
 from credproxy.wire import RPCFace
@@ -86,7 +88,9 @@ class BrokerConfig:
     Where the broker keeps credentials and what it lets sandboxes do.
 
     C{store} is C{auto} (a Secret Service keyring when one answers, else
-    files in C{state_dir}), C{keyring}, C{file} or C{memory}. C{oauth_config}
+    files in C{state_dir}), C{keyring}, C{file}, C{memory}, or the URL of a
+    Redis that a fleet of hosts shares (with C{redis} saying how to reach
+    and read it). C{oauth_config}
     is a TOML file of OAuth providers; without it the built-in C{anthropic}
     provider is configured. C{bucket} is the bucket of the stored anthropic
     token the HTTP face uses.
@@ -98,6 +102,8 @@ class BrokerConfig:
     bucket: str = DEFAULT_BUCKET
     sandbox_readable: frozenset[str] | None = None
     allow_sandbox_login: bool = False
+    # How to reach and read a Redis store (C{store} a redis://, rediss:// or unix:// URL).
+    redis: RedisStoreConfig = field(default_factory=RedisStoreConfig)
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,8 @@ def build_broker(
 ) -> Broker:
     """
     The broker the configuration describes: its stores, its OAuth providers
-    and, for stores other processes can share, the file lock that makes a
-    refresh happen once per host.
+    and, for stores other processes can share, the lock that makes a
+    refresh happen once: a file lock per host, or the fleet's lock in Redis.
 
     A command that lives for seconds passes C{renew=False}: it must not
     refresh tokens behind the user's back.
@@ -175,10 +181,17 @@ def build_broker(
     @raise CredproxyConfigError: the store is unusable or the provider file bad.
     """
     state_dir = config.state_dir or default_state_dir()
-    if config.store != "memory":
+    if config.store != "memory" and not is_redis_url(config.store):
         _private_state_dir(state_dir)
     try:
-        stores = open_host_stores(config.store, state_dir, calls, backend=keyring_backend)
+        stores = open_host_stores(
+            config.store,
+            state_dir,
+            calls,
+            backend=keyring_backend,
+            reactor=reactor,
+            redis=config.redis,
+        )
     except StoreUnavailable as e:
         raise CredproxyConfigError(str(e)) from None
     try:
@@ -189,7 +202,9 @@ def build_broker(
         oauth, reactor, oauth_agent if oauth_agent is not None else default_oauth_agent(reactor)
     )
     lock: IRefreshLock
-    if config.store == "memory":
+    if stores.redis is not None:
+        lock = RedisRefreshLock(reactor, stores.redis)  # the fleet's: every host takes it
+    elif config.store == "memory":
         lock = InProcessRefreshLock()  # nothing outside this process can see the tokens
     else:
         locks = os.path.join(state_dir, LOCKS_DIR_NAME)
@@ -206,6 +221,7 @@ def build_broker(
         refresh_lock=lock,
         sandbox=SandboxPolicy(config.sandbox_readable, config.allow_sandbox_login),
         store_description=stores.description,
+        store_service=stores.redis,
         renew=renew,
     )
 

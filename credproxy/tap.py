@@ -39,7 +39,14 @@ from credproxy.service import (
     default_http_endpoint,
     default_rpc_endpoint,
 )
-from credproxy.stores import DEFAULT_BUCKET, STORE_KINDS, default_state_dir
+from credproxy.stores import (
+    DEFAULT_BUCKET,
+    STORE_KINDS,
+    RedisStoreConfig,
+    default_state_dir,
+    is_redis_url,
+)
+from credproxy.stores._redis_connection import DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX
 from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
 
 _DEFAULTS = HTTPProxyConfig()
@@ -170,7 +177,34 @@ class StoreOptions(VersionedOptions):
             None,
             "auto",
             "Where credentials are kept: auto (keyring when a Secret Service answers, else file), "
-            "keyring, file or memory.",
+            "keyring, file, memory, or a Redis shared by a fleet: redis://HOST:PORT/DB, "
+            "rediss://HOST:PORT/DB (TLS) or unix:///PATH?db=N.",
+        ],
+        [
+            "store-key-file",
+            None,
+            None,
+            "With a Redis store: the file holding the key that encrypts what Redis holds "
+            "(64 hex digits, as credproxy new-token writes; the same file on every host).",
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "With a Redis store: a private file holding the Redis password (never in the URL).",
+        ],
+        [
+            "redis-ca-file",
+            None,
+            None,
+            "With a rediss:// store: the CA certificates (PEM) that verify the server "
+            "(default: the system's).",
+        ],
+        [
+            "redis-prefix",
+            None,
+            DEFAULT_REDIS_PREFIX,
+            "With a Redis store: the prefix of every Redis key and channel credproxy uses.",
         ],
         [
             "state-dir",
@@ -182,9 +216,23 @@ class StoreOptions(VersionedOptions):
         ["config", None, None, "TOML file configuring OAuth providers ([oauth.NAME] tables)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["store-old-key-files"] = []
+
+    def opt_store_old_key_file(self, path: str) -> None:
+        """
+        With a Redis store: a retired store key file, still read while values
+        are sealed again under the current key (repeatable).
+        """
+        self["store-old-key-files"].append(path)
+
     def postOptions(self) -> None:
-        if self["store"] not in STORE_KINDS:
-            raise usage.UsageError(f"--store must be one of {', '.join(STORE_KINDS)}")
+        if self["store"] not in STORE_KINDS and not is_redis_url(self["store"]):
+            raise usage.UsageError(
+                f"--store must be one of {', '.join(STORE_KINDS)}, or a redis://, rediss://"
+                " or unix:// URL"
+            )
         if self["state-dir"] is None:
             self["state-dir"] = default_state_dir()
 
@@ -197,6 +245,13 @@ class StoreOptions(VersionedOptions):
             store=self["store"],
             state_dir=self["state-dir"],
             oauth_config=self["config"],
+            redis=RedisStoreConfig(
+                key_file=self["store-key-file"],
+                old_key_files=tuple(self["store-old-key-files"]),
+                password_file=self["redis-password-file"],
+                ca_file=self["redis-ca-file"],
+                prefix=self["redis-prefix"],
+            ),
             **policy,
         )
 

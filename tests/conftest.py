@@ -7,8 +7,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.redisserver import RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +63,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             if reporter is not None:
                 reporter.write_line(line, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """
+    One redis-server for the whole session (tests keep apart by key prefix);
+    tests that stop or kill Redis start their own with C{start_redis}.
+    """
+    from tests.redisserver import start_redis
+
+    server = start_redis()  # skips when redis-server is not installed
+    try:
+        yield server
+    finally:
+        server.remove()

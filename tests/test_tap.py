@@ -15,7 +15,9 @@ from twisted.python.usage import UsageError
 
 from credproxy._listen import parse_unix_description
 from credproxy.service import CredproxyService
+from credproxy.stores import RedisStoreConfig
 from credproxy.tap import Options, StoreOptions, credproxy_version, makeService
+from tests.redisserver import write_store_key
 
 TOKEN = "0123456789abcdef" * 4
 
@@ -318,7 +320,15 @@ def test_the_state_directory_is_made_private(tmp_path: object) -> None:
 def test_the_store_options_are_defined_once_for_every_command() -> None:
     # The service's options are the store options and more: one definition.
     store_names = {p[0] for p in StoreOptions.optParameters}
-    assert store_names == {"store", "state-dir", "config"}
+    assert store_names == {
+        "store",
+        "state-dir",
+        "config",
+        "store-key-file",
+        "redis-password-file",
+        "redis-ca-file",
+        "redis-prefix",
+    }
     assert not store_names & {p[0] for p in Options.optParameters}
     assert issubclass(Options, StoreOptions)
     options = StoreOptions()
@@ -335,3 +345,57 @@ def test_version_is_credproxys(capsys: pytest.CaptureFixture[str]) -> None:
         parse("--version")
     assert stopped.value.code == 0
     assert capsys.readouterr().out == f"credproxy {version('credproxy')}\n"
+
+
+def test_a_redis_store_and_its_options(tmp_path: object) -> None:
+    key_file = write_store_key(str(tmp_path))
+    options = parse(
+        "--store",
+        "rediss://fleet@redis.example:6380/2",
+        "--store-key-file",
+        key_file,
+        "--store-old-key-file",
+        "/etc/credproxy/old-1.key",
+        "--store-old-key-file",
+        "/etc/credproxy/old-2.key",
+        "--redis-password-file",
+        "/etc/credproxy/redis.pw",
+        "--redis-ca-file",
+        "/etc/credproxy/ca.pem",
+        "--redis-prefix",
+        "team-a:",
+    )
+    broker = options.config().broker
+    assert broker.store == "rediss://fleet@redis.example:6380/2"
+    assert broker.redis == RedisStoreConfig(
+        key_file=key_file,
+        old_key_files=("/etc/credproxy/old-1.key", "/etc/credproxy/old-2.key"),
+        password_file="/etc/credproxy/redis.pw",
+        ca_file="/etc/credproxy/ca.pem",
+        prefix="team-a:",
+    )
+    assert parse("--store", "unix:///run/redis.sock?db=1").config().broker.redis.prefix == (
+        "credproxy:"
+    )
+
+
+def test_a_store_that_is_neither_a_kind_nor_a_redis_url_is_refused() -> None:
+    with pytest.raises(UsageError) as refused:
+        parse("--store", "mysql://db/0")
+    assert "redis://" in str(refused.value)
+
+
+def test_a_redis_store_without_a_key_file_refuses_to_start() -> None:
+    options = parse("--store", "redis://127.0.0.1:6379/0")
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options, reactor=MemoryReactorClock())
+    message = str(stopped.value)
+    assert "needs --store-key-file" in message and "\n" not in message
+
+
+def test_a_password_in_the_redis_url_refuses_to_start() -> None:
+    options = parse("--store", "redis://:s3cret-pw-81@127.0.0.1:6379/0")
+    with pytest.raises(SystemExit) as stopped:
+        makeService(options, reactor=MemoryReactorClock())
+    message = str(stopped.value)
+    assert "--redis-password-file" in message and "s3cret" not in message

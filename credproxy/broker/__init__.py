@@ -3,8 +3,8 @@ The host's credential logic: the broker both faces share (stores, refresh,
 renewal, login sessions) and the credential view of the HTTP face. Faces
 depend on this package; it never imports a face.
 
-The refresh lock is an interface (L{IRefreshLock}), so a lock shared by
-many hosts plugs in where L{FileRefreshLock} serves one host.
+The refresh lock is an interface (L{IRefreshLock}): L{FileRefreshLock}
+serves the processes of one host, L{RedisRefreshLock} a fleet on one Redis.
 """
 
 from credproxy.broker._broker import Broker, SandboxPolicy
@@ -17,6 +17,7 @@ from credproxy.broker._lock_file import (
     RefreshLockError,
     RefreshLockTimeout,
 )
+from credproxy.broker._lock_redis import RedisRefreshLock
 from credproxy.broker._refresh import RefreshCoordinator
 from credproxy.broker._renewal import RenewalScheduler
 from credproxy.broker._sessions import InitiatedLogin, LoginSessions, PollResult
@@ -47,6 +48,7 @@ __all__ = [
     "LoginFailure",
     "LoginSessions",
     "PollResult",
+    "RedisRefreshLock",
     "RefreshCoordinator",
     "RefreshError",
     "RefreshFailure",

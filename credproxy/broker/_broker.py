@@ -10,14 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from credproxy._secret import Secret
 from credproxy.broker._lock_file import InProcessRefreshLock, IRefreshLock
-from credproxy.broker._locks import EntryLocks
+from credproxy.broker._locks import EntryLocks, merge_into_store
 from credproxy.broker._refresh import RefreshCoordinator
 from credproxy.broker._renewal import RenewalScheduler
 from credproxy.broker._sessions import LoginSessions
@@ -73,8 +73,12 @@ class Broker(Service):
         sandbox: SandboxPolicy | None = None,
         renew: bool = True,
         store_description: str | None = None,
+        store_service: IService | None = None,
     ) -> None:
         self.reactor = reactor
+        # What the stores need running (the Redis connection's subscriber):
+        # started before anything reads, stopped after everything else.
+        self.store_service = store_service
         self.tokens = tokens
         self.keys = keys
         # What backs the stores and where, for the start-up line and status.
@@ -105,6 +109,8 @@ class Broker(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.store_service is not None:
+            self.store_service.startService()
         self.sessions.start()
         if self.renewal is not None:
             self.renewal.start().addErrback(
@@ -120,6 +126,8 @@ class Broker(Service):
         self.refresher.stop()
         if self.renewal is not None:
             self.renewal.stop()
+        if self.store_service is not None and self.store_service.running:
+            self.store_service.stopService()
 
     # -- tokens -----------------------------------------------------------------
 
@@ -142,13 +150,14 @@ class Broker(Service):
         """
         entry = (provider, bucket or DEFAULT_BUCKET)
 
-        async def merge_and_store() -> Token:
-            stored = await self.tokens.get_token(provider, bucket)
-            merged = merge_saved(stored, incoming)
-            await self.tokens.save_token(provider, merged, bucket)
-            return merged
+        async def merge_and_store() -> Token | None:
+            return await merge_into_store(
+                self.tokens, provider, entry[1], lambda stored: merge_saved(stored, incoming)
+            )
 
-        self._token_changed(provider, entry[1], await self.locks.run(entry, merge_and_store))
+        merged = await self.locks.run(entry, merge_and_store)
+        assert merged is not None  # merge_saved always answers a token
+        self._token_changed(provider, entry[1], merged)
 
     async def store_login(self, provider: str, token: Token, bucket: str | None = None) -> None:
         """

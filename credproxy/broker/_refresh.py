@@ -15,8 +15,9 @@ A failed refresh never deletes or overwrites the stored token: an
 C{invalid_grant} usually means another process rotated it, so the store is
 re-read before the broker concludes that the user must log in again.
 
-The store and the lock are interfaces, so a fleet-wide store and lock
-(Redis, later) plug in without touching this module.
+The store and the lock are interfaces, so the fleet's Redis store and lock
+plug in without touching this module; its one read-merge-write goes through
+L{merge_into_store}, a compare-and-set on a store several hosts write.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from twisted.python.failure import Failure
 from credproxy._secret import Secret
 from credproxy.broker._errors import RefreshError, RefreshFailure
 from credproxy.broker._lock_file import IRefreshLock, RefreshLockError, RefreshLockTimeout
-from credproxy.broker._locks import EntryLocks
+from credproxy.broker._locks import EntryLocks, merge_into_store
 from credproxy.broker.tokens import merge_refreshed
 from credproxy.oauth._http import Detail
 from credproxy.oauth._interfaces import IOAuthProvider, OAuthError, OAuthErrorKind
@@ -491,14 +492,11 @@ class RefreshCoordinator:
         """
         provider_name, bucket = entry
 
+        def merge(current: Token | None) -> Token | None:
+            return None if current is None else merge_refreshed(current, new)
+
         async def merge_and_store() -> Token | None:
-            self.store.invalidate(provider_name, bucket)
-            current = await self.store.get_token(provider_name, bucket)
-            if current is None:
-                return None
-            merged = merge_refreshed(current, new)
-            await self.store.save_token(provider_name, merged, bucket)
-            return merged
+            return await merge_into_store(self.store, provider_name, bucket, merge, fresh=True)
 
         merged = await self.entry_locks.run(entry, merge_and_store)
         if merged is None:

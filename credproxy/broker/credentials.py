@@ -25,7 +25,7 @@ from zope.interface import Interface, implementer
 
 from credproxy._secret import Secret
 from credproxy.broker._errors import RefreshError, RefreshFailure
-from credproxy.stores._interfaces import DEFAULT_BUCKET, StoreError
+from credproxy.stores._interfaces import DEFAULT_BUCKET, StoreDown, StoreError
 from credproxy.stores._token import Token
 
 if TYPE_CHECKING:
@@ -77,6 +77,13 @@ class UpstreamCredential:
         or a token from the environment is what it is.
         """
         return self.kind is CredentialKind.OAUTH and self.provider is not None
+
+
+# The reason of a CredentialUnavailable whose shared store's server does not
+# answer (Redis down): the HTTP face answers it with 503, a trouble of the
+# moment; a store that answers with what it cannot read is STORE_UNREADABLE.
+STORE_UNAVAILABLE = "store_unavailable"
+STORE_UNREADABLE = "store_unreadable"
 
 
 class CredentialUnavailable(Exception):
@@ -373,10 +380,13 @@ def _store_unreadable(failure: Failure) -> NoReturn:
     credproxy's words; the store's own safe message goes to the log.
     """
     failure.trap(StoreError)
-    log.error("The credential store cannot be read: {error}", error=str(failure.value))
+    down = failure.check(StoreDown) is not None
+    # An outage of a shared store is logged by the store, once; not per request.
+    emit = log.debug if down else log.error
+    emit("The credential store cannot be read: {error}", error=str(failure.value))
     raise CredentialUnavailable(
         "credproxy could not read its credential store; see its log on the host.",
-        reason="store_unavailable",
+        reason=STORE_UNAVAILABLE if down else STORE_UNREADABLE,
         transient=True,
     )
 

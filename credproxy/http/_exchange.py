@@ -26,6 +26,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from credproxy.broker.credentials import (
+    STORE_UNAVAILABLE,
     CredentialUnavailable,
     ICredentialSource,
     UpstreamCredential,
@@ -352,11 +353,11 @@ class Exchange:
         error: CredentialUnavailable = failure.value  # type: ignore[assignment]
         if error.retry_after is not None:
             self.request.setHeader(b"retry-after", b"%d" % (math.ceil(error.retry_after),))
-        self.answer_error(
-            ErrorKind.API if error.transient else ErrorKind.AUTHENTICATION,
-            error.message,
-            outcome="credential_unavailable",
-        )
+        if error.reason == STORE_UNAVAILABLE:  # the host's store is down: 503, retry later
+            kind = ErrorKind.OVERLOADED
+        else:
+            kind = ErrorKind.API if error.transient else ErrorKind.AUTHENTICATION
+        self.answer_error(kind, error.message, outcome="credential_unavailable")
 
     def _first_byte_expired(self) -> None:
         self._first_byte_timer = None

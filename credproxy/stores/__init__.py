@@ -1,6 +1,7 @@
 """
 Credential stores: the interfaces the broker and faces use, and the host's
-implementations (memory, a Secret Service keyring, private JSON files), with
+implementations (memory, a Secret Service keyring, private JSON files, Redis
+shared by a fleet), with
 the choice among them (C{--store}).
 """
 
@@ -9,11 +10,13 @@ from credproxy.stores._file import FileProviderKeyStore, FileTokenStore
 from credproxy.stores._interfaces import (
     DEFAULT_BUCKET,
     BucketStats,
+    ICompareAndSetTokenStore,
     IHostProviderKeyStore,
     IHostTokenStore,
     IProviderKeyStore,
     ITokenStore,
     StoreCorrupt,
+    StoreDown,
     StoreError,
     StoreNotRunning,
     StoreTimeout,
@@ -21,9 +24,13 @@ from credproxy.stores._interfaces import (
 )
 from credproxy.stores._keyring import KeyringProviderKeyStore, KeyringTokenStore
 from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores._redis import RedisProviderKeyStore, RedisTokenStore
+from credproxy.stores._redis_connection import RedisConnection
+from credproxy.stores._redis_target import is_redis_url
 from credproxy.stores._select import (
     STORE_KINDS,
     HostStores,
+    RedisStoreConfig,
     default_state_dir,
     open_host_stores,
     usable_keyring,
@@ -40,6 +47,7 @@ __all__ = [
     "FileTokenStore",
     "HostStores",
     "IBlockingCalls",
+    "ICompareAndSetTokenStore",
     "IHostProviderKeyStore",
     "IHostTokenStore",
     "IProviderKeyStore",
@@ -48,14 +56,20 @@ __all__ = [
     "KeyringTokenStore",
     "MemoryProviderKeyStore",
     "MemoryTokenStore",
+    "RedisConnection",
+    "RedisProviderKeyStore",
+    "RedisStoreConfig",
+    "RedisTokenStore",
     "RequestCounters",
     "StoreCorrupt",
+    "StoreDown",
     "StoreError",
     "StoreNotRunning",
     "StoreTimeout",
     "StoreUnavailable",
     "Token",
     "default_state_dir",
+    "is_redis_url",
     "open_host_stores",
     "usable_keyring",
 ]

@@ -46,6 +46,14 @@ class StoreNotRunning(StoreError):
     """
 
 
+class StoreDown(StoreError):
+    """
+    A shared store's server (Redis) does not answer now. The store logs one
+    line when an outage starts and one when it ends, so whoever catches
+    this need not log it for every request.
+    """
+
+
 class StoreUnavailable(StoreError):
     """
     The store the operator asked for cannot be used on this host; the
@@ -164,4 +172,29 @@ class IHostProviderKeyStore(IProviderKeyStore):
     def invalidate(name: str) -> None:
         """
         Forget any cached read of this key, so the next read goes to the backend.
+        """
+
+
+class ICompareAndSetTokenStore(Interface):
+    """
+    A token store several hosts write at once (Redis): a read-merge-write
+    on it is a read of the entry's version, then a save that succeeds only
+    if the version is still the one read. A save that lost the race is not
+    an error; the caller reads and merges again.
+    """
+
+    def read_token_version(
+        provider: str, bucket: str | None = None
+    ) -> Deferred[tuple[Token | None, int]]:
+        """
+        The stored token (None: absent) and its version, read from the
+        backend itself, never from a cache.
+        """
+
+    def save_token_if(
+        provider: str, token: Token, bucket: str | None, version: int
+    ) -> Deferred[bool]:
+        """
+        Store C{token} if the entry's version is still C{version} (0: still
+        absent): whether it was stored.
         """

@@ -15,12 +15,15 @@ import pwd
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import keyring
 from keyring.backend import KeyringBackend
 from keyring.backends.chainer import ChainerBackend
 from keyring.backends.SecretService import Keyring as SecretServiceKeyring
 
+from credproxy._secret import read_capability_token_file
+from credproxy.stores._crypto import StoreKeyError, ValueCipher, read_store_key_file
 from credproxy.stores._file import KEYS_FILE, TOKENS_FILE, FileProviderKeyStore, FileTokenStore
 from credproxy.stores._interfaces import IHostProviderKeyStore, IHostTokenStore, StoreUnavailable
 from credproxy.stores._keyring import (
@@ -30,6 +33,9 @@ from credproxy.stores._keyring import (
     KeyringTokenStore,
 )
 from credproxy.stores._memory import MemoryProviderKeyStore, MemoryTokenStore
+from credproxy.stores._redis import RedisProviderKeyStore, RedisTokenStore
+from credproxy.stores._redis_connection import DEFAULT_PREFIX, RedisConnection
+from credproxy.stores._redis_target import is_redis_url, parse_redis_url
 from credproxy.stores._threads import IBlockingCalls
 
 STORE_KINDS = ("auto", "keyring", "file", "memory")
@@ -54,6 +60,24 @@ class HostStores:
     tokens: IHostTokenStore
     keys: IHostProviderKeyStore
     description: str
+    # The Redis connection the stores share (a service to start, and what the
+    # fleet's refresh lock uses); None for the stores of one host.
+    redis: RedisConnection | None = None
+
+
+@dataclass(frozen=True)
+class RedisStoreConfig:
+    """
+    How to reach and read a Redis store: the store key (required), keys
+    being retired (read only), the password file, the CA file for
+    C{rediss://} (else the system's CAs) and the key prefix.
+    """
+
+    key_file: str | None = None
+    old_key_files: tuple[str, ...] = ()
+    password_file: str | None = None
+    ca_file: str | None = None
+    prefix: str = DEFAULT_PREFIX
 
 
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> str:
@@ -146,6 +170,48 @@ def _file_stores(state_dir: str, calls: IBlockingCalls, note: str = "") -> HostS
     return HostStores(tokens, keys, f"file ({paths}){note}")
 
 
+def _redis_stores(
+    url: str, calls: IBlockingCalls, reactor: Any, config: RedisStoreConfig
+) -> HostStores:
+    target = parse_redis_url(url)
+    where = f"--store {target.description}"
+    if config.key_file is None:
+        raise StoreUnavailable(
+            f"{where} needs --store-key-file FILE, the key that encrypts what Redis holds"
+            " (make one with: credproxy new-token FILE, and give every host the same file)"
+        )
+    try:
+        cipher = ValueCipher(
+            read_store_key_file(config.key_file),
+            [read_store_key_file(path) for path in config.old_key_files],
+        )
+    except StoreKeyError as e:
+        raise StoreUnavailable(f"{where}: {e}") from None
+    password = None
+    if config.password_file is not None:
+        try:
+            password = read_capability_token_file(
+                config.password_file, what="Redis password file", min_bytes=1
+            )
+        except ValueError as e:
+            raise StoreUnavailable(f"{where}: {e}") from None
+        except OSError as e:
+            raise StoreUnavailable(
+                f"{where}: cannot read Redis password file {config.password_file!r}: {e.strerror}"
+            ) from None
+    if config.ca_file is not None and not target.tls:
+        raise StoreUnavailable(f"{where}: --redis-ca-file is for rediss:// URLs only")
+    try:
+        connection = RedisConnection(
+            reactor, calls, target, password=password, ca_file=config.ca_file, prefix=config.prefix
+        )
+    except ValueError as e:
+        raise StoreUnavailable(f"{where}: {e}") from None
+    tokens = RedisTokenStore(connection, cipher)
+    keys = RedisProviderKeyStore(connection, cipher)
+    return HostStores(tokens, keys, tokens.description, connection)
+
+
 def open_host_stores(
     kind: str,
     state_dir: str,
@@ -153,6 +219,8 @@ def open_host_stores(
     *,
     backend: KeyringBackend | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
+    reactor: Any = None,
+    redis: RedisStoreConfig | None = None,
 ) -> HostStores:
     """
     The host's stores for C{--store KIND}: C{keyring} (a usable Secret
@@ -160,13 +228,27 @@ def open_host_stores(
     C{keys.json} in C{state_dir}), C{memory}, or C{auto} (keyring when
     usable, else file, saying why in the description).
 
+    A Redis URL (C{redis://}, C{rediss://}, C{unix://}) gives the stores on
+    Redis, with C{redis} saying how to reach and read it; that opens no
+    connection yet (the first call or the started connection does).
+
     Called once at start: it blocks for at most C{probe_timeout} seconds
     while it asks the Secret Service.
 
     @param backend: the keyring backend to consider; None means the keyring
         library's own choice (C{keyring.get_keyring()}).
+    @param reactor: for a Redis store: its timers and threads report to it.
+    @param redis: for a Redis store: how to reach and read it.
     @raise ValueError: for an unknown C{kind}.
+    @raise StoreUnavailable: the store cannot be used; one line says why.
     """
+    if is_redis_url(kind):
+        if reactor is None:
+            raise ValueError(
+                "a Redis store is opened by the credproxy service and its commands only"
+                " (it needs their reactor and --store-key-file)"
+            )
+        return _redis_stores(kind, calls, reactor, redis or RedisStoreConfig())
     if kind == "memory":
         return HostStores(
             MemoryTokenStore(), MemoryProviderKeyStore(), MemoryTokenStore.description

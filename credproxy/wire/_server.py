@@ -42,6 +42,7 @@ from credproxy._limits import ConnectionLimits, ConnectionSlots, SlotRefusal, pe
 from credproxy._listen import peer_credentials
 from credproxy._secret import Secret
 from credproxy.broker import Broker
+from credproxy.stores import StoreDown, StoreError
 from credproxy.wire import _audit, _handshake
 from credproxy.wire._codec import (
     LENGTH_PREFIX,
@@ -606,9 +607,20 @@ class CredentialServerProtocol(Int32StringReceiver):
             if failure.retry_after is not None:
                 answer["retryAfter"] = js_number(failure.retry_after)
             self._answer(answer)
+        elif isinstance(result.value, StoreError):
+            # A store's message names the store and entry, never a value.
+            record.status = Status.ERROR
+            # An outage of a shared store is logged by the store, once.
+            emit = log.debug if isinstance(result.value, StoreDown) else log.error
+            emit(
+                "credential socket op {op}: the credential store failed: {error}",
+                op=_audit.printable(record.op),
+                error=str(result.value),
+            )
+            self._answer_error(request_id, ErrorCode.INTERNAL_ERROR, Message.STORE_UNAVAILABLE)
         else:
-            # Neither the exception's text nor its traceback is logged: a store
-            # or provider error may quote the secret it was handling.
+            # Neither the exception's text nor its traceback is logged: a
+            # provider error may quote the secret it was handling.
             record.status = Status.ERROR
             log.error(
                 "credential socket op {op} failed with {kind}",

@@ -137,6 +137,9 @@ class Message:
     FRAME_TOO_LARGE: Final = "Frame exceeds maximum size"
     RESPONSE_TOO_LARGE_V1: Final = "Response exceeds maximum frame size for protocol version 1"
     INTERNAL: Final = "Internal error"
+    # INTERNAL_ERROR when the host's credential store fails (Redis down, a keyring that
+    # does not answer): the agent can tell it from a bug and retry later.
+    STORE_UNAVAILABLE: Final = "Credential store unavailable"
     TIMED_OUT: Final = "Operation timed out"
     MISSING_PROVIDER: Final = "Missing provider"
     MISSING_PROVIDER_OR_TOKEN: Final = "Missing provider or token"

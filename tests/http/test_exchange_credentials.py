@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from twisted.logger import LogEvent
+from twisted.internet.defer import fail
+from twisted.logger import LogEvent, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from credproxy.broker.credentials import BrokerCredentialSource
 from credproxy.http._headers import OAUTH_BETA_FLAG
 from credproxy.oauth._interfaces import OAuthError, OAuthErrorKind
+from credproxy.stores import StoreCorrupt, StoreDown
 from tests.http.doubles import REFUSAL, BrokerWorld, FakeResponse, Served, serve
 from tests.integration.agents import Parsed, parse_response
 from tests.logcapture import captured_log, log_text
@@ -227,6 +229,38 @@ class ExchangeCredentialTests(SynchronousTestCase):
         self.assertEqual(json.loads(answer.body)["error"]["type"], "api_error")
         self.assertEqual(answer.headers["retry-after"], "15")
         self.assertEqual(len(served.agent.sent), 1)
+
+    def test_a_store_that_does_not_answer_is_a_503(self) -> None:
+        """
+        A shared store's server down (Redis) is the host's trouble of the
+        moment: 503, never a request upstream, and no log line per request
+        (the store says it once per outage).
+        """
+        self.world.store_token(STORED)
+        self.world.tokens.get_token = lambda *a: fail(  # type: ignore[method-assign]
+            StoreDown("Redis store redis://127.0.0.1:6379/0 is unavailable")
+        )
+        served = self.serve()
+        with captured_log() as events:
+            served.post(BODY)
+        answer = self.answer(served)
+        self.assertEqual(answer.status, 503)
+        self.assertEqual(json.loads(answer.body)["error"]["type"], "overloaded_error")
+        self.assertIn(
+            "could not read its credential store", json.loads(answer.body)["error"]["message"]
+        )
+        self.assertEqual(served.agent.sent, [])
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.warn], [])
+
+    def test_a_store_that_cannot_be_read_is_a_502(self) -> None:
+        self.world.tokens.get_token = lambda *a: fail(  # type: ignore[method-assign]
+            StoreCorrupt("the token file is not JSON; not changed")
+        )
+        served = self.serve()
+        with captured_log() as events:
+            served.post(BODY)
+        self.assertEqual(self.answer(served).status, 502)
+        self.assertIn("The credential store cannot be read", log_text(events))
 
     def test_an_unreachable_token_endpoint_is_a_502(self) -> None:
         self.world.store_token(STORED, expires_in=-5)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from credproxy.broker.tokens import Token
-from credproxy.stores import ITokenStore, MemoryTokenStore
+from credproxy.stores import ITokenStore, MemoryTokenStore, StoreCorrupt, StoreDown
 from credproxy.wire._spec import MAX_FRAME_V1, MAX_FRAME_V2, MAX_IN_FLIGHT, REQUEST_HANDLING_TIMEOUT
 from tests.wire.server_harness import (
     REFRESH,
@@ -41,6 +42,10 @@ class ControlledTokenStore(MemoryTokenStore):
     def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]:
         if provider == "boom":
             return fail(RuntimeError(f"backend exploded holding {REFRESH}"))
+        if provider == "down":
+            return fail(StoreDown("Redis store redis://127.0.0.1:6379/0 is unavailable"))
+        if provider == "corrupt":
+            return fail(StoreCorrupt("Redis key credproxy:token:corrupt:default does not decrypt"))
         if provider.startswith("wait-"):
             d: Deferred[Token | None] = Deferred(lambda _: self.cancelled.append(provider))
             self.waiting[provider] = d
@@ -223,6 +228,30 @@ class DeadlineAndFailureTests(SynchronousTestCase):
         text = log_text(events)
         self.assertIn("RuntimeError", text)
         self.assertNotIn(REFRESH, text)
+
+    def test_a_store_failure_is_credential_store_unavailable(self) -> None:
+        """
+        The agent can tell a store that fails from a bug. An outage of a
+        shared store is the store's to log (once); a store holding what it
+        cannot read is logged with the store's own value-free message.
+        """
+        connection, _ = _connection()
+        with captured_log() as events:
+            down = connection.ask("d", "get_token", provider="down")
+            corrupt = connection.ask("c", "get_token", provider="corrupt")
+        for reply, request_id in ((down, "d"), (corrupt, "c")):
+            self.assertEqual(
+                reply,
+                {
+                    "id": request_id,
+                    "ok": False,
+                    "code": "INTERNAL_ERROR",
+                    "error": "Credential store unavailable",
+                },
+            )
+        errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("does not decrypt", errors[0])
 
 
 class AnswerSizeTests(SynchronousTestCase):

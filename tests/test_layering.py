@@ -8,6 +8,8 @@ Read from the source, so an import added anywhere in a module counts.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,18 @@ def test_the_sandbox_side_imports_nothing_of_the_hosts(module: str) -> None:
         and name.split(".")[1] in SANDBOX_SIDE_FORBIDDEN
     ]
     assert offences == []
+
+
+def test_the_redis_package_is_loaded_only_with_a_redis_store() -> None:
+    """
+    Every command and the twistd plugin import credproxy whole; a host
+    without a Redis store must not pay for (or depend on) the redis package.
+    """
+    probe = (
+        "import sys, credproxy, credproxy.cli, credproxy.tap, credproxy.service, "
+        "credproxy.stores, credproxy.broker; print('redis' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "False"

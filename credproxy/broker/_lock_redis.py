@@ -18,10 +18,8 @@ C{invalid_grant} re-reads the store before concluding anything.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import LockNotOwnedError
-from redis.lock import Lock
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
@@ -38,6 +36,9 @@ from credproxy.broker._lock_file import (
 )
 from credproxy.stores._interfaces import StoreError
 from credproxy.stores._redis_connection import RedisConnection
+
+if TYPE_CHECKING:
+    from redis.lock import Lock
 
 log = Logger(namespace="credproxy.broker.refresh")
 
@@ -152,6 +153,8 @@ class RedisRefreshLock:
         return self.connection.key("lock", provider, bucket)
 
     def acquire(self, provider: str, bucket: str) -> Deferred[IHeldLock]:
+        from redis.lock import Lock  # loaded with the store's client, never without it
+
         entry = (provider, bucket)
         lock = Lock(
             self.connection.client,
@@ -219,6 +222,8 @@ def _extend(lock: Lock) -> bool:
     """
     Blocking: reset the expiry to the full TTL if we still own it.
     """
+    from redis.exceptions import LockNotOwnedError
+
     try:
         lock.reacquire()
     except LockNotOwnedError:
@@ -230,6 +235,8 @@ def _release(lock: Lock) -> bool:
     """
     Blocking: delete the lock if we still own it; whether we did.
     """
+    from redis.exceptions import LockNotOwnedError
+
     try:
         lock.release()
     except LockNotOwnedError:

@@ -20,10 +20,9 @@ import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-import redis
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall
@@ -34,6 +33,9 @@ from credproxy._secret import Secret
 from credproxy.stores._interfaces import StoreDown, StoreError, StoreTimeout
 from credproxy.stores._redis_target import RedisTarget
 from credproxy.stores._threads import IBlockingCalls
+
+if TYPE_CHECKING:
+    import redis
 
 log = Logger(namespace="credproxy.stores.redis")
 
@@ -46,7 +48,6 @@ MAX_ANNOUNCEMENT_BYTES = 8192
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 SUBSCRIBER_POLL = 0.5  # seconds the subscriber waits for a message before checking for stop
-_OUTAGES = (redis.ConnectionError, redis.TimeoutError, StoreTimeout, OSError)
 
 
 class AnnouncementListener(ABC):
@@ -151,7 +152,9 @@ class RedisConnection(Service):
         return self.calls.run(f, *args).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> Failure:
-        if failure.check(*_OUTAGES):
+        import redis  # loaded already: a client made the call
+
+        if failure.check(redis.ConnectionError, redis.TimeoutError, StoreTimeout, OSError):
             self._went_down(failure.type.__name__ if failure.type else "unknown")
             raise self.unavailable()
         if failure.check(redis.RedisError):
@@ -208,6 +211,8 @@ class RedisConnection(Service):
         The subscriber thread: listens on the channel until stopped,
         subscribing again with backoff whenever the connection is lost.
         """
+        import redis  # loaded already: the connection has a client
+
         backoff = BACKOFF_FIRST
         while not self._stopping.is_set():
             pubsub = self.client.pubsub()

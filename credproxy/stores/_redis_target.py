@@ -10,14 +10,14 @@ descriptions of the target never hold it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, urlsplit
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from credproxy._secret import Secret
 from credproxy.stores._interfaces import StoreUnavailable
+
+if TYPE_CHECKING:
+    import redis
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_PORT = 6379
@@ -78,7 +78,14 @@ class RedisTarget:
         retries of its own (the store's outage handling backs off instead).
         TLS verifies the server's certificate and host name, against
         C{ca_file} or the system's CAs.
+
+        (The C{redis} package is imported here, by the first client: a
+        credproxy without a Redis store never loads it.)
         """
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         common = {
             "db": self.db,
             "username": self.username,

@@ -222,8 +222,7 @@ class StoreOptions(VersionedOptions):
 
     def opt_store_old_key_file(self, path: str) -> None:
         """
-        With a Redis store: a retired store key file, still read while values
-        are sealed again under the current key (repeatable).
+        With a Redis store: a retired store key file, still read (repeatable).
         """
         self["store-old-key-files"].append(path)
 

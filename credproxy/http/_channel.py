@@ -19,7 +19,12 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableDescriptor, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableDescriptor,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, _IdentityTransferDecoder
@@ -133,6 +138,7 @@ class ProxyChannel(HTTPChannel):
     _awaiting_body = False
     _body_started = 0.0
     _body_progress = 0.0
+    _host: IAddress | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,6 +149,16 @@ class ProxyChannel(HTTPChannel):
         return self.site.guard
 
     # -- the connection ---------------------------------------------------------
+
+    def getHost(self) -> IAddress:
+        """
+        The connection's own address, asked of the socket once: twisted.web
+        asks for it on every request, and a Unix socket answers with a
+        system call each time.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionMade(self) -> None:
         super().connectionMade()

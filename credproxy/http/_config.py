@@ -60,4 +60,4 @@ class HTTPProxyConfig:
         """
         Whether a Unix peer with this uid may use the proxy; our own uid always may.
         """
-        return uid == os.getuid() or uid in self.allowed_uids
+        return uid in self.allowed_uids or uid == os.getuid()

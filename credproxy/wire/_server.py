@@ -794,7 +794,7 @@ class CredentialServerFactory(Factory):
         """
         Whether a Unix peer of this uid may connect; our own uid always may.
         """
-        return uid == os.getuid() or uid in self.allowed_uids
+        return uid in self.allowed_uids or uid == os.getuid()
 
     def context(self, sandbox: bool, connection: object) -> OpContext:
         return OpContext(self.broker, sandbox, connection)

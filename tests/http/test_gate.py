@@ -661,3 +661,20 @@ class HandOverTests(SynchronousTestCase):
         source = http.HTTPChannel.allContentReceived.__code__.co_names
         for name in ("_command", "_path", "_version"):
             self.assertIn(name, source)
+
+    def test_the_connections_own_address_is_asked_of_the_socket_once(self) -> None:
+        agent = self.face.connect()
+        asked: list[object] = []
+        own = agent.transport.getHost
+
+        def counted() -> object:
+            asked.append(1)
+            return own()
+
+        agent.transport.getHost = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            agent.send(_head(b"host: x", b"content-length: 2") + b"{}")
+            self.face.upstream.requests[-1].respond()
+        self.assertEqual(len(self.face.upstream.requests), 3)
+        self.assertEqual(len(asked), 1)
+        self.assertEqual(agent.channel.getHost(), own())

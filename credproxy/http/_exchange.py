@@ -99,15 +99,17 @@ class _Backpressure:
 
 class StreamPump(Protocol):
     """
-    Copies the upstream answer's body to the agent.
+    Copies the upstream answer's body to the agent, one agent write per
+    upstream read: the body decoders deliver each read's data in one call
+    (all the chunks of a chunked read together).
 
-    What the upstream's reads deliver within one reactor turn (one read can
-    hold many small chunks, each its own C{dataReceived}) is held and
-    written to the agent as one C{request.write} at the start of the next
-    turn, and at once when the answer ends: one agent write per upstream
-    read rather than per chunk, and nothing written before the turn is over,
-    so a body that breaks within the turn it began in can still be answered
-    with an error instead of a cut-off.
+    Until the first write, what arrives is held to the start of the next
+    reactor turn (or the answer's end), so that a body that breaks within
+    the turn it began in can still be answered with an error instead of a
+    cut-off; the pieces held meanwhile go out as one write. Once the answer
+    has begun, each read is written as it comes: holding it would cost a
+    timer per read and gain nothing, since a break can then only cut the
+    answer off.
     """
 
     paused = False
@@ -161,6 +163,12 @@ class StreamPump(Protocol):
         self.stop()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.bytes and not self._held:
+            # The answer has begun: this read goes out now.
+            if self._idle is not None:
+                self._idle.reset(self._idle_timeout)
+            self._write(data)
+            return
         self._held.append(data)
         self._held_bytes += len(data)
         if self._flush_call is None:
@@ -183,6 +191,9 @@ class StreamPump(Protocol):
         data = held[0] if len(held) == 1 else b"".join(held)
         self._held = []
         self._held_bytes = 0
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self._parser is not None:
             self._parser.feed(data)
         self.bytes += len(data)

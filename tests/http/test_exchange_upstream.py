@@ -186,7 +186,7 @@ class MalformedAnswerTests(UpstreamExchangeTestCase):
 
 
 class CoalescingTests(UpstreamExchangeTestCase):
-    def test_the_chunks_of_one_turn_are_one_agent_write(self) -> None:
+    def test_the_first_turns_pieces_are_one_write_then_each_read_goes_out(self) -> None:
         served = self.serve()
         with self.logged() as events:
             served.post(BODY)
@@ -203,11 +203,13 @@ class CoalescingTests(UpstreamExchangeTestCase):
             self.assertEqual(len(flush_calls(self.clock)), 1)  # one flush, however many chunks
             self.clock.advance(0)
             self.assertEqual(chunks_of(served.transport.value()), [b"".join(pieces)])
-            response.send(SSE_DELTA[:7])
-            response.send(SSE_DELTA[7:])
-            self.clock.advance(0)
+            # The answer has begun: each read (one dataReceived, whatever
+            # chunks it held) is written as it comes, without a timer.
+            response.send(SSE_DELTA)
+            self.assertEqual(chunks_of(served.transport.value())[-1], SSE_DELTA)
+            self.assertEqual(flush_calls(self.clock), [])
             response.send(b"event: message_stop\n")
-            response.end()  # the end flushes at once
+            response.end()
         self.assertEqual(
             chunks_of(served.transport.value()),
             [b"".join(pieces), SSE_DELTA, b"event: message_stop\n"],
@@ -296,11 +298,12 @@ class BrokenBodyTests(UpstreamExchangeTestCase):
             response = served.agent.sent[0].respond(held())
             response.send(SSE_START)
             self.clock.advance(0)
+            response.send(b"data of the read before the break")
             written = served.transport.value()
-            response.send(b"held, never written")
             response.break_off(UpstreamMalformed(BAD_CHUNKED_FRAMING))
         self.assertTrue(served.transport.disconnected)
-        self.assertEqual(served.transport.value(), written)
+        self.assertEqual(served.transport.value(), written)  # cut off: no end, no error body
+        self.assertIn(b"data of the read before the break", written)
         answer = self.answer(served)
         self.assertEqual(answer.status, 200)
         self.assertFalse(answer.complete)  # the agent's client sees a truncation

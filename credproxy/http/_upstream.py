@@ -24,7 +24,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol, ParseError
+from twisted.web._newclient import HEADER, HTTP11ClientProtocol, HTTPClientParser, ParseError
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import _MalformedChunkedDataError
 
@@ -133,7 +133,7 @@ class ScreenedHTTP11ClientProtocol(HTTP11ClientProtocol):
                 return
             head, data = screened
             try:
-                parser.dataReceived(head)
+                _hand_over_head(parser, head)
             except Exception:
                 self._abort(UpstreamMalformed(PARSER_REFUSED_HEAD))
                 return
@@ -191,6 +191,29 @@ class ScreenedHTTP11ClientProtocol(HTTP11ClientProtocol):
         if self._failure is not None:
             reason = self._failure
         super().connectionLost(reason)
+
+
+def _hand_over_head(parser: HTTPClientParser, head: bytes) -> None:
+    """
+    Give Twisted's parser a screened head as its line parser would have:
+    the status line, each header, the end of the head. The screen has
+    already split the head and held it to stricter rules (CRLF only, no
+    folded line), so the lines are split here once, in C.
+
+    This does what C{HTTPParser.lineReceived} does in its C{STATUS} and
+    C{HEADER} states, and what C{HTTPClientParser.dataReceived} records;
+    tests/http/test_upstream_screen.py pins the names it uses.
+    """
+    parser._everReceivedData = True
+    lines = head.split(b"\r\n")
+    parser.statusReceived(lines[0])
+    parser.state = HEADER
+    for line in lines[1:]:
+        if not line:
+            break
+        name, _, value = line.partition(b":")
+        parser.headerReceived(name, value.strip())
+    parser.allHeadersReceived()
 
 
 class UnsolicitedBytes(UpstreamMalformed):

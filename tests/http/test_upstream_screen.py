@@ -657,10 +657,10 @@ class ScreenedProtocolTests(SynchronousTestCase):
         parser = connected.protocol._parser
         assert parser is not None
 
-        def refuse(data: bytes) -> None:
-            raise ParseError("wrong", data)
+        def refuse(status: bytes) -> None:
+            raise ParseError("wrong", status)
 
-        parser.dataReceived = refuse  # type: ignore[method-assign]
+        parser.statusReceived = refuse  # type: ignore[method-assign]
         connected.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
         self.assertTrue(connected.aborted)
         connected.lose()
@@ -716,6 +716,16 @@ class PoolTests(SynchronousTestCase):
         self.assertTrue(callable(HTTP11ClientProtocol._disconnectParser))
         self.assertTrue(issubclass(_MalformedChunkedDataError, Exception))
         self.assertIn(b"chunked", _newclient.HTTPClientParser._transferDecoders)
+        # What the screened head's hand-over does in the parser's place.
+        parser = _newclient.HTTPClientParser(None, lambda rest: None)
+        self.assertFalse(parser._everReceivedData)
+        self.assertTrue(callable(parser.statusReceived))
+        self.assertTrue(callable(parser.headerReceived))
+        self.assertTrue(callable(parser.allHeadersReceived))
+        self.assertNotEqual(_newclient.HEADER, _newclient.STATUS)
+        names = _newclient.HTTPParser.lineReceived.__code__.co_names
+        for name in ("statusReceived", "headerReceived", "allHeadersReceived", "HEADER"):
+            self.assertIn(name, names)
 
     def test_a_chunked_answer_is_read_with_credproxys_decoder(self) -> None:
         connected = Connected()
@@ -731,3 +741,64 @@ class PoolTests(SynchronousTestCase):
         connected.protocol.dataReceived(b"1\r\nc\r\n0\r\n\r\n")
         self.assertEqual(collector.data, b"abc")
         self.assertIsNotNone(collector.ended)
+
+
+class HeadHandOverTests(SynchronousTestCase):
+    """
+    The screened head reaches Twisted's parser without its line parser:
+    the response must be the one that parser would have made.
+    """
+
+    def test_status_headers_and_body_as_twisted_parses_them(self) -> None:
+        head = (
+            b"HTTP/1.1 201 Created\r\nContent-Type: text/event-stream\r\n"
+            b"request-id: req_1\r\nX-Many: a\r\nX-Many: b\r\nx-spaced:   v  \r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
+        seen = []
+        for split in (len(head), 7, len(head) - 1):  # the head whole, and in pieces
+            connected = Connected()
+            answers, _ = connected.request()
+            data = head + b"hello"
+            connected.protocol.dataReceived(data[:split])
+            connected.protocol.dataReceived(data[split:])
+            (response,) = answers
+            collector = body_of(response)
+            seen.append(
+                (
+                    response.code,
+                    response.phrase,
+                    response.version,
+                    response.length,
+                    sorted(response.headers.getAllRawHeaders()),
+                    collector.data,
+                )
+            )
+        self.assertEqual(seen[0], seen[1])
+        self.assertEqual(seen[0], seen[2])
+        code, phrase, version, length, headers, body = seen[0]
+        self.assertEqual(
+            (code, phrase, version, length, body), (201, b"Created", (b"HTTP", 1, 1), 5, b"hello")
+        )
+        self.assertIn((b"X-Many", [b"a", b"b"]), headers)
+        self.assertIn((b"X-Spaced", [b"v"]), headers)
+        self.assertNotIn(b"Content-Length", dict(headers))  # a connection header: Twisted's own
+
+    def test_a_head_without_a_body_finishes_and_keeps_the_connection(self) -> None:
+        connected = Connected()
+        answers, _ = connected.request()
+        connected.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        (response,) = answers
+        self.assertEqual(response.code, 204)
+        self.assertEqual(connected.quiescent, [connected.protocol])
+        self.assertFalse(connected.aborted)
+
+    def test_a_lost_connection_after_the_head_is_a_failed_response(self) -> None:
+        connected = Connected()
+        answers, _ = connected.request()
+        connected.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        (response,) = answers
+        collector = body_of(response)
+        connected.lose()
+        assert collector.ended is not None
+        self.assertIsInstance(collector.ended.value, ResponseFailed)

@@ -11,10 +11,9 @@ the wire is the same: the same protocol (L{ScreenedHTTP11ClientProtocol}
 through the pool), the same request object, no redirect followed, no header
 added but I{Host}.
 
-This leans on private Twisted names: C{twisted.web._newclient.Request._construct}
-(what C{Agent} itself uses) and C{Request._writeHeaders}, which a request
-whose body is in memory writes its head with (L{HeldBodyRequest});
-tests/http/test_upstream_agent.py pins both.
+This leans on one private Twisted name, C{twisted.web._newclient.Request._construct}
+(what C{Agent} itself uses); tests/http/test_upstream_agent.py pins it, and
+checks that a L{HeldBodyRequest} writes the bytes Twisted's own request does.
 """
 
 from __future__ import annotations
@@ -70,16 +69,32 @@ def _host_value(uri: URI) -> bytes:
 class HeldBodyRequest(ClientRequest):
     """
     A request whose body is already in memory (a L{BodyProducer}): written
-    with its head in one go, as Twisted writes any request with a
-    Content-Length, without the producer and consumer machinery (a length
-    enforcer, a producer registered on the connection, three Deferreds)
-    that a body still being produced needs.
+    with its head in one write, the bytes Twisted writes for any request
+    with a Content-Length, without the producer and consumer machinery (a
+    length enforcer, a producer registered on the connection, three
+    Deferreds) that a body still being produced needs.
+
+    C{host}, when given, is the I{Host} value the caller's headers lack: it
+    is written last, where Twisted's C{Agent} would have added it to a copy
+    of them, so the headers are neither copied nor changed.
     """
+
+    host: bytes | None = None
 
     def writeTo(self, transport: Any) -> Deferred[None]:
         producer: BodyProducer = self.bodyProducer
-        self._writeHeaders(transport, b"Content-Length: %d\r\n" % (producer.length,))
-        transport.writeSequence(producer.chunks)
+        lines = [b"%b %b HTTP/1.1\r\n" % (self.method, self.uri)]
+        if not self.persistent:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"Content-Length: %d\r\n" % (producer.length,))
+        for name, values in self.headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%b: %b\r\n" % (name, value))
+        if self.host is not None:
+            lines.append(b"Host: %b\r\n" % (self.host,))
+        lines.append(b"\r\n")
+        lines += producer.chunks
+        transport.writeSequence(lines)
         return succeed(None)
 
 
@@ -114,18 +129,30 @@ class UpstreamAgent:
             return fail(error)
         if headers is None:
             headers = Headers()
-        if not headers.hasHeader(b"host"):
+        held = isinstance(bodyProducer, BodyProducer)
+        host = None if headers.hasHeader(b"host") else origin.host
+        if host is not None and not held:
             headers = headers.copy()
-            headers.addRawHeader(b"host", origin.host)
+            headers.addRawHeader(b"host", host)
         d = self._pool.getConnection(origin.key, origin.endpoint)
         persistent = self._pool.persistent
 
-        request_class = HeldBodyRequest if isinstance(bodyProducer, BodyProducer) else ClientRequest
-
         def connected(protocol: HTTP11ClientProtocol) -> Deferred[IResponse]:
-            request = request_class._construct(
+            if not held:
+                return protocol.request(
+                    ClientRequest._construct(
+                        method,
+                        path,
+                        headers,
+                        bodyProducer,
+                        persistent=persistent,
+                        parsedURI=origin.uri,
+                    )
+                )
+            request: HeldBodyRequest = HeldBodyRequest._construct(
                 method, path, headers, bodyProducer, persistent=persistent, parsedURI=origin.uri
             )
+            request.host = host
             return protocol.request(request)
 
         return d.addCallback(connected)

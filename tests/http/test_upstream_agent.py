@@ -177,25 +177,53 @@ class UpstreamAgentTests(SynchronousTestCase):
 
 
 class HeldBodyRequestTests(SynchronousTestCase):
-    def written(self, request_class: type[ClientRequest], chunks: list[bytes]) -> tuple[bytes, Any]:
+    def written(
+        self,
+        request_class: type[ClientRequest],
+        chunks: list[bytes],
+        *,
+        host: bytes | None = None,
+        persistent: bool = True,
+    ) -> bytes:
         transport = StringTransport()
+        headers = Headers({b"x-api-key": [b"sk-ant-api03-real"], b"anthropic-beta": [b"a", b"b"]})
+        if request_class is ClientRequest:
+            # What Twisted's Agent does with a Host the caller left out.
+            headers.addRawHeader(b"host", host or b"api.example")
         request = request_class._construct(
             b"POST",
             b"/v1/messages?beta=true",
-            Headers({b"host": [b"api.example"], b"x-api-key": [b"sk-ant-api03-real"]}),
+            headers,
             BodyProducer(RequestBody(chunks)),
-            persistent=True,
+            persistent=persistent,
             parsedURI=None,
         )
-        done = request.writeTo(transport)
-        return transport.value(), self.successResultOf(done)
+        if isinstance(request, HeldBodyRequest):
+            request.host = host or b"api.example"
+        self.successResultOf(request.writeTo(transport))
+        sent: bytes = transport.value()
+        return sent
 
     def test_the_bytes_are_those_twisted_writes(self) -> None:
         for chunks in ([], [b"{}"], [b'{"model":', b' "claude"', b"}" * 5000]):
-            held, _ = self.written(HeldBodyRequest, chunks)
-            standard, _ = self.written(ClientRequest, chunks)
-            self.assertEqual(held, standard)
-            self.assertTrue(held.endswith(b"\r\n\r\n" + b"".join(chunks)))
+            for persistent in (True, False):
+                held = self.written(HeldBodyRequest, chunks, persistent=persistent)
+                standard = self.written(ClientRequest, chunks, persistent=persistent)
+                self.assertEqual(held, standard)
+                self.assertTrue(held.endswith(b"\r\n\r\n" + b"".join(chunks)))
+
+    def test_a_host_the_headers_carry_is_not_written_twice(self) -> None:
+        transport = StringTransport()
+        request = HeldBodyRequest._construct(
+            b"POST",
+            b"/",
+            Headers({b"host": [b"given.example"]}),
+            BodyProducer(RequestBody([b"{}"])),
+            persistent=True,
+            parsedURI=None,
+        )
+        request.writeTo(transport)
+        self.assertEqual(transport.value().lower().count(b"\r\nhost:"), 1)
 
     def test_the_agent_writes_an_in_memory_body_with_its_head(self) -> None:
         endpoints = RecordingEndpoints()
@@ -209,6 +237,3 @@ class HeldBodyRequestTests(SynchronousTestCase):
         (protocol,) = endpoints.endpoint.protocols
         self.assertIsInstance(protocol._currentRequest, HeldBodyRequest)
         self.assertTrue(endpoints.endpoint.transports[0].value().endswith(b"\r\n\r\n{}"))
-
-    def test_the_private_header_writer_relied_on_exists(self) -> None:
-        self.assertTrue(callable(ClientRequest._writeHeaders))

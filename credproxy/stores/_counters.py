@@ -8,6 +8,8 @@ each proxied request into a backend write.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from twisted.internet.defer import Deferred
 
 from credproxy.stores._interfaces import DEFAULT_BUCKET, BucketStats
@@ -80,3 +82,42 @@ class RequestCounters:
         return token.addCallback(
             lambda stored: None if stored is None else self.stats(provider, bucket)
         )
+
+
+class _IndexedTokenStore(Protocol):
+    """
+    What L{IndexedTokenQueries} needs of the store it is mixed into.
+    """
+
+    @property
+    def counters(self) -> RequestCounters: ...
+
+    def _entries(self) -> Deferred[set[tuple[str, str]]]: ...
+
+    def get_token(self, provider: str, bucket: str | None = None) -> Deferred[Token | None]: ...
+
+
+class IndexedTokenQueries:
+    """
+    The token store queries that follow from an index of (provider, bucket)
+    entries and the request counters, for the stores that keep such an index
+    (the keyring's and Redis's), mixed in after their base class.
+    """
+
+    def list_providers(self: _IndexedTokenStore) -> Deferred[list[str]]:
+        return self._entries().addCallback(lambda index: sorted({p for p, _ in index}))
+
+    def list_buckets(self: _IndexedTokenStore, provider: str) -> Deferred[list[str]]:
+        return self._entries().addCallback(
+            lambda index: sorted(b for p, b in index if p == provider)
+        )
+
+    def get_bucket_stats(
+        self: _IndexedTokenStore, provider: str, bucket: str | None = None
+    ) -> Deferred[BucketStats | None]:
+        return self.counters.stats_if_stored(self.get_token(provider, bucket), provider, bucket)
+
+    def record_request(
+        self: _IndexedTokenStore, provider: str, bucket: str | None, when: float
+    ) -> None:
+        self.counters.record(provider, bucket, when)

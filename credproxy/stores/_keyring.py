@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.stores._counters import RequestCounters
+from credproxy.stores._counters import IndexedTokenQueries, RequestCounters
 from credproxy.stores._file import (
     Bump,
     ChangeMarker,
@@ -53,7 +53,6 @@ from credproxy.stores._file import (
 )
 from credproxy.stores._interfaces import (
     DEFAULT_BUCKET,
-    BucketStats,
     IHostProviderKeyStore,
     IHostTokenStore,
     StoreCorrupt,
@@ -426,7 +425,7 @@ class _KeyringStore(ABC, Generic[_K, _V]):
 
 
 @implementer(IHostTokenStore)
-class KeyringTokenStore(_KeyringStore[Entry, Token]):
+class KeyringTokenStore(_KeyringStore[Entry, Token], IndexedTokenQueries):
     """
     OAuth tokens in a keyring, one item per provider and bucket, with an index.
 
@@ -491,22 +490,6 @@ class KeyringTokenStore(_KeyringStore[Entry, Token]):
 
     def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
         return self._remove((provider, bucket or DEFAULT_BUCKET)).addCallback(lambda _: None)
-
-    def list_providers(self) -> Deferred[list[str]]:
-        return self._entries().addCallback(lambda index: sorted({p for p, _ in index}))
-
-    def list_buckets(self, provider: str) -> Deferred[list[str]]:
-        return self._entries().addCallback(
-            lambda index: sorted(b for p, b in index if p == provider)
-        )
-
-    def get_bucket_stats(
-        self, provider: str, bucket: str | None = None
-    ) -> Deferred[BucketStats | None]:
-        return self.counters.stats_if_stored(self.get_token(provider, bucket), provider, bucket)
-
-    def record_request(self, provider: str, bucket: str | None, when: float) -> None:
-        self.counters.record(provider, bucket, when)
 
     def invalidate(self, provider: str, bucket: str | None = None) -> None:
         self._invalidate((provider, bucket or DEFAULT_BUCKET))

@@ -40,11 +40,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._secret import Secret
-from credproxy.stores._counters import RequestCounters
+from credproxy.stores._counters import IndexedTokenQueries, RequestCounters
 from credproxy.stores._crypto import ValueCipher, associated_data
 from credproxy.stores._interfaces import (
     DEFAULT_BUCKET,
-    BucketStats,
     ICompareAndSetTokenStore,
     IHostProviderKeyStore,
     IHostTokenStore,
@@ -304,7 +303,7 @@ class _RedisEntries(AnnouncementListener, Generic[_K, _V]):
 
 
 @implementer(IHostTokenStore, ICompareAndSetTokenStore)
-class RedisTokenStore(_RedisEntries[Entry, Token]):
+class RedisTokenStore(_RedisEntries[Entry, Token], IndexedTokenQueries):
     """
     OAuth tokens on Redis, one sealed hash per provider and bucket.
     """
@@ -378,22 +377,6 @@ class RedisTokenStore(_RedisEntries[Entry, Token]):
 
     def remove_token(self, provider: str, bucket: str | None = None) -> Deferred[None]:
         return self._remove(self._entry(provider, bucket)).addCallback(lambda _: None)
-
-    def list_providers(self) -> Deferred[list[str]]:
-        return self._entries().addCallback(lambda index: sorted({p for p, _ in index}))
-
-    def list_buckets(self, provider: str) -> Deferred[list[str]]:
-        return self._entries().addCallback(
-            lambda index: sorted(b for p, b in index if p == provider)
-        )
-
-    def get_bucket_stats(
-        self, provider: str, bucket: str | None = None
-    ) -> Deferred[BucketStats | None]:
-        return self.counters.stats_if_stored(self.get_token(provider, bucket), provider, bucket)
-
-    def record_request(self, provider: str, bucket: str | None, when: float) -> None:
-        self.counters.record(provider, bucket, when)
 
     def invalidate(self, provider: str, bucket: str | None = None) -> None:
         self._invalidate(self._entry(provider, bucket))

@@ -69,6 +69,7 @@ from credproxy.broker.credentials import EnvironmentCredentialSource
 from credproxy.http import HTTPProxyConfig
 from credproxy.service import BrokerConfig, CredproxyConfig
 from credproxy.testing import InlineBlockingCalls
+from tests.integration.unprivileged import post_as_nobody
 from tests.integration.upstream import Upstream
 
 REAL_KEY = "sk-ant-api03-lifecycle-REAL-key-0123456789abcdef"
@@ -408,36 +409,6 @@ async def test_each_http_endpoint_takes_only_what_it_should(
 # A request to the HTTP socket (argv[1]) with the key on stdin, from uid 65534;
 # prints the answer's status. The standard library only: the system
 # interpreter runs it.
-_NOBODY_POST = """
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(30)
-s.connect(sys.argv[1])
-body = json.dumps({"model": "m", "max_tokens": 1, "messages": []}).encode()
-s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\nx-api-key: "
-          + sys.stdin.read().encode() + b"\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
-data = b""
-while chunk := s.recv(65536):
-    data += chunk
-print(data.split(b" ")[1].decode())
-"""
-
-
-def post_as_nobody_with(path: str, key: str) -> str:
-    from tests.integration.unprivileged import NOBODY, SYSTEM_PYTHON
-
-    result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", _NOBODY_POST, path],
-        input=key,
-        user=NOBODY,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip()
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
 @pytest_twisted.ensureDeferred
 async def test_a_sandboxs_http_socket_wants_the_placeholder_and_an_allowed_uid(
@@ -464,7 +435,7 @@ async def test_a_sandboxs_http_socket_wants_the_placeholder_and_an_allowed_uid(
         os.chmod(os.path.dirname(runtime), 0o755)  # noqa: S103 - the test's own throwaway directory
         os.chmod(runtime, 0o755)  # noqa: S103 - as above
         os.chmod(handle.http_socket, 0o666)  # noqa: S103 - as above
-        assert await deferToThread(post_as_nobody_with, handle.http_socket, placeholder) == "403"
+        assert await deferToThread(post_as_nobody, handle.http_socket, placeholder) == "403"
         assert len(upstream.received) == 1
     finally:
         await handle.stop()

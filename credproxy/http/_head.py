@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from credproxy.http._errors import ErrorKind
-from credproxy.http._grammar import CONTENT_LENGTH, TCHAR, TOKEN
+from credproxy.http._grammar import CONTENT_LENGTH, REQUEST_TARGET, TCHAR, TOKEN
 
 # A request target (the path and query) longer than this gets 414. The
 # Messages API's paths are short; 8 KiB is what most servers allow.
@@ -39,7 +39,6 @@ _HEAD: Final = re.compile(
     rb"((?:[" + TCHAR + rb"]+:" + _VALUE + rb"\r\n)*)"
 )
 _FIELD_VALUE: Final = re.compile(_VALUE)
-_TARGET: Final = re.compile(rb"/[\x21-\x7e]*")
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ def valid_target(target: bytes) -> bool:
     """
     Whether C{target} is a path in printable ASCII, the only form forwarded.
     """
-    return len(target) <= MAX_REQUEST_TARGET and _TARGET.fullmatch(target) is not None
+    return len(target) <= MAX_REQUEST_TARGET and REQUEST_TARGET.fullmatch(target) is not None
 
 
 def _bad(message: str) -> HeadRefusal:
@@ -254,7 +253,7 @@ def _diagnose(head: bytes) -> HeadRefusal:
         return URI_TOO_LONG
     if not TOKEN.fullmatch(method) or len(method) > _MAX_METHOD:
         return _bad("Malformed request method.")
-    if not _TARGET.fullmatch(target):
+    if not REQUEST_TARGET.fullmatch(target):
         return BAD_TARGET
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         return _bad("Only HTTP/1.0 and HTTP/1.1 are served.")

@@ -32,15 +32,11 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 from credproxy.http._body import BodyProducer
-from credproxy.http._grammar import TOKEN
+from credproxy.http._grammar import REQUEST_TARGET, TOKEN
 
 # Origins kept parsed: the face uses one; the bound keeps a caller that
 # names many from growing the map.
 MAX_CACHED_ORIGINS: Final = 8
-# What a path and query may hold on the wire: visible ASCII (RFC 9112's
-# request-target has no space, control or non-ASCII byte). Twisted's own
-# check is the same set.
-_PATH: Final = re.compile(rb"/[\x21-\x7e]*")
 _VISIBLE: Final = re.compile(rb"[\x21-\x7e]+")
 _DEFAULT_PORTS: Final = ((b"http", 80), (b"https", 443))
 
@@ -169,7 +165,7 @@ class UpstreamAgent:
             prefix, path = uri, b"/"
         else:
             prefix, path = uri[:path_start], uri[path_start:]
-        if _PATH.fullmatch(path) is None:
+        if REQUEST_TARGET.fullmatch(path) is None:
             raise ValueError("the URL's path holds a byte a request target may not")
         origin = self._origins.get(prefix)
         if origin is None:

@@ -29,16 +29,17 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 SCRIPTS = ("twistd", "credproxy")
 
 # A Messages request to the HTTP face's Unix socket (argv[1]), from a process
-# of another uid; it prints the answer's status. Only the standard library:
-# the system interpreter runs it.
+# of another uid, with the key read from standard input (so it is in no
+# argv); it prints the answer's status. Only the standard library: the
+# system interpreter runs it.
 _PEER_CLIENT = """
 import json, socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(30)
 s.connect(sys.argv[1])
 body = json.dumps({"model": "m", "max_tokens": 1, "messages": []}).encode()
-s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\n"
-          b"x-api-key: p\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
+s.sendall(b"POST /v1/messages HTTP/1.1\\r\\nhost: x\\r\\nconnection: close\\r\\nx-api-key: "
+          + sys.stdin.read().encode() + b"\\r\\ncontent-length: %d\\r\\n\\r\\n" % len(body) + body)
 data = b""
 while chunk := s.recv(65536):
     data += chunk
@@ -46,12 +47,14 @@ print(data.split(b" ")[1].decode())
 """
 
 
-def post_as_nobody(path: str) -> str:
+def post_as_nobody(path: str, key: str = "p") -> str:
     """
-    The status the HTTP face at C{path} answers a request from uid L{NOBODY}.
+    The status the HTTP face at C{path} answers a request from uid L{NOBODY}
+    presenting C{key}.
     """
     result = subprocess.run(
         [SYSTEM_PYTHON, "-c", _PEER_CLIENT, path],
+        input=key,
         user=NOBODY,
         capture_output=True,
         text=True,

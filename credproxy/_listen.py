@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from credproxy._systemd import InheritedUNIXServerEndpoint
+from credproxy._transports import send_at_once
 
 log = Logger()
 
@@ -224,7 +225,8 @@ class ListeningService(Service):
     bound_path: str | None = None
 
     def __init__(self, reactor: object, description: str, factory: IProtocolFactory) -> None:
-        self._reactor = reactor
+        # Connections it accepts send at once (credproxy._transports).
+        self._reactor = send_at_once(reactor)
         self.description = description
         self._factory = factory
         self._unix = parse_unix_description(description)

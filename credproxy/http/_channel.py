@@ -15,7 +15,7 @@ restarts, stays only for idle kept-alive connections.
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _ChunkedTransferDecoder, _IdentityTransferDecoder
+from twisted.web.http_headers import Headers
 
 from credproxy._limits import ConnectionSlots, SlotRefusal, peer_key
 from credproxy._listen import PeerCredentials, peer_credentials
@@ -139,6 +140,7 @@ class ProxyChannel(HTTPChannel):
     _body_started = 0.0
     _body_progress = 0.0
     _host: IAddress | None = None
+    _held_head: bytes | None = None  # the answer's head, until its body's first write
 
     def __init__(self) -> None:
         super().__init__()
@@ -147,6 +149,47 @@ class ProxyChannel(HTTPChannel):
     @property
     def guard(self) -> FaceGuard:
         return self.site.guard
+
+    # -- the answer's head ---------------------------------------------------------
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        """
+        Hold the answer's head to go out with the first bytes of its body,
+        in one write: twisted.web writes the two separately, which on a
+        connection that sends at once (credproxy._transports) would be two
+        system calls and two reads for the agent. The bytes are those
+        twisted.web writes (tests/http/test_channel_writes.py compares
+        them); L{flush_head} sends a head no body follows.
+        """
+        lines = [b"%b %b %b\r\n" % (version, code, reason)]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(b"%b: %b\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self._held_head = b"".join(lines)
+
+    def write(self, data: bytes) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            data = head + data
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def writeSequence(self, iovec: Sequence[bytes]) -> None:
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)  # type: ignore[union-attr]
+
+    def flush_head(self) -> None:
+        """
+        Send a held head now: the request's write that made it is over.
+        """
+        head = self._held_head
+        if head is not None:
+            self._held_head = None
+            self.transport.write(head)  # type: ignore[union-attr]
 
     # -- the connection ---------------------------------------------------------
 

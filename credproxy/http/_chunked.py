@@ -89,12 +89,15 @@ class ChunkedDecoder:
             trailing = events.complete
             refused = not trailing
         pieces = events.pieces
+        events.pieces = []
+        if refused:
+            # Nothing of a read whose framing breaks is passed on: its data
+            # may be the broken chunk's own (a size that lies), and the
+            # agent's connection sends what it is given at once.
+            raise _MalformedChunkedDataError("malformed chunked framing")
         if pieces:
-            events.pieces = []
             self._without_data = 0
             self._data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        if refused:
-            raise _MalformedChunkedDataError("malformed chunked framing")
         if events.complete:
             self._done = True
             followed = trailing or events.messages > 1

@@ -97,6 +97,12 @@ class BoundedRequest(Request):
             reserved, self._reserved = self._reserved, 0
             budget.release(reserved)
 
+    def write(self, data: bytes) -> None:
+        # The channel holds the answer's head to send it with the body's
+        # first bytes; whatever this write was, the head is out after it.
+        super().write(data)
+        self._proxy_channel().flush_head()
+
     # The two ways a request ends: its answer is done, or its connection is gone.
 
     def finish(self) -> None:

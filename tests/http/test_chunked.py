@@ -104,11 +104,13 @@ class DecodingTests(SynchronousTestCase):
         with self.assertRaises(_MalformedChunkedDataError):
             Decoded().feed(b"zz")
 
-    def test_data_before_a_refusal_is_delivered(self) -> None:
-        decoded = Decoded()
+    def test_nothing_of_a_read_whose_framing_breaks_is_delivered(self) -> None:
+        # The data of earlier reads went out; the refused read's did not,
+        # neither a good chunk ahead of the break nor the lying chunk's own.
+        decoded = Decoded().feed(b"2\r\nok\r\n")
         with self.assertRaises(_MalformedChunkedDataError):
-            decoded.feed(b"2\r\nab\r\nnot-hex\r\n")
-        self.assertEqual(decoded.data, b"ab")
+            decoded.feed(b"2\r\nab\r\n5\r\nhello!!\r\n")
+        self.assertEqual(decoded.data, b"ok")
 
     def test_framing_without_data_is_bounded(self) -> None:
         # A chunk extension that never ends holds no buffer in llhttp, but

@@ -1,0 +1,193 @@
+"""
+Connections that send at once: when nothing is queued on a connection, a
+write goes to the socket in the call that makes it, instead of waiting for
+the reactor's next turn to report the socket writable.
+
+Twisted's transports queue every write and ask the reactor to watch the
+socket for writability (an C{epoll_ctl} to start, a turn of the loop to be
+told, another C{epoll_ctl} to stop). A proxy writes once per request on each
+of its two connections, almost always to a socket with room, so that is
+four system calls and two loop turns per request for nothing. Here the write
+is tried first; whatever the socket does not take (it is full, or the
+connection failed) is queued as Twisted would have queued it, and Twisted's
+own machinery (the writability watch, producers, C{loseConnection},
+connection loss) takes over from there unchanged.
+
+The transports are made by L{SendAtOnceReactor}, a reactor that builds
+these connections for C{listenTCP}, C{listenUNIX}, C{connectTCP} and
+C{connectUNIX} and passes everything else to the reactor it wraps, so that
+Twisted's endpoints (and C{HostnameEndpoint}'s happy-eyeballs attempts) use
+them unchanged.
+
+This leans on private state of C{twisted.internet.abstract.FileDescriptor}
+(C{dataBuffer}, C{_tempDataLen}, C{_writeDisconnected}) and of Twisted's
+connectors and ports (C{Connector._makeTransport}, C{Port.transport});
+tests/test_transports.py pins each.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import tcp, unix
+from twisted.internet.abstract import _dataMustBeBytes
+from twisted.internet.interfaces import IConnector, IListeningPort
+from twisted.internet.protocol import ClientFactory, Factory
+from zope.interface import directlyProvides, providedBy
+
+
+class SendAtOnceMixin:
+    """
+    Tries the socket before queueing: mixed in ahead of a Twisted stream
+    connection class.
+    """
+
+    def write(self, data: bytes) -> None:
+        if self._may_send_now(data):
+            sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            # Not taken whole (full, or failed): queued, and Twisted's next
+            # write attempt sends the rest or finds the failure.
+        super().write(data)  # type: ignore[misc]
+
+    def writeSequence(self, iovec: Any) -> None:
+        pieces = list(iovec)
+        for piece in pieces:
+            _dataMustBeBytes(piece)
+        self.write(b"".join(pieces))
+
+    def _may_send_now(self, data: bytes) -> bool:
+        """
+        Whether this write may go out before the reactor's next turn: it is
+        bytes, nothing is queued ahead of it, and the connection is open for
+        writing without a TLS layer of Twisted's own on it.
+        """
+        return (
+            type(data) is bytes
+            and bool(data)
+            and not self.dataBuffer  # type: ignore[attr-defined]
+            and not self._tempDataLen  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not self.disconnecting  # type: ignore[attr-defined]
+            and not self._writeDisconnected  # type: ignore[attr-defined]
+            and not getattr(self, "TLS", False)
+        )
+
+
+class SendAtOnceTCPServer(SendAtOnceMixin, tcp.Server):
+    """An accepted TCP connection that sends at once."""
+
+
+class SendAtOnceTCPClient(SendAtOnceMixin, tcp.Client):
+    """An outgoing TCP connection that sends at once."""
+
+
+class SendAtOnceUNIXServer(SendAtOnceMixin, unix.Server):
+    """
+    An accepted Unix connection that sends at once (unless file descriptors
+    are queued to go with the bytes: then it queues, as Twisted does).
+    """
+
+    def _may_send_now(self, data: bytes) -> bool:
+        return not self._sendmsgQueue and super()._may_send_now(data)
+
+
+class SendAtOnceUNIXClient(SendAtOnceMixin, unix.Client):
+    """An outgoing Unix connection that sends at once."""
+
+    def _may_send_now(self, data: bytes) -> bool:
+        return not self._sendmsgQueue and super()._may_send_now(data)
+
+
+class SendAtOnceTCPPort(tcp.Port):
+    transport = SendAtOnceTCPServer
+
+
+class SendAtOnceUNIXPort(unix.Port):
+    transport = SendAtOnceUNIXServer
+
+
+class _SendAtOnceTCPConnector(tcp.Connector):
+    def _makeTransport(self) -> SendAtOnceTCPClient:
+        return SendAtOnceTCPClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _SendAtOnceUNIXConnector(unix.Connector):
+    def _makeTransport(self) -> Any:  # a unix.Client, which is no tcp.Client
+        return SendAtOnceUNIXClient(self.address, self, self.reactor, self.checkPID)
+
+
+class SendAtOnceReactor:
+    """
+    A reactor whose stream connections send at once; everything but making
+    them is the wrapped reactor's (it provides what that reactor provides,
+    so endpoints and C{IReactor*.providedBy} checks see no difference).
+
+    Only a POSIX reactor's own connections are replaced: the wrapped
+    reactor must be one whose C{listenTCP} and C{connectTCP} build
+    C{twisted.internet.tcp} connections (epoll, poll, select).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        directlyProvides(self, providedBy(reactor))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(
+        self, port: int, factory: Factory, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort:
+        listening = SendAtOnceTCPPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def listenUNIX(
+        self,
+        address: Any,  # str or bytes, as Twisted takes it
+        factory: Factory,
+        backlog: int = 50,
+        mode: int = 0o666,
+        wantPID: int = 0,
+    ) -> IListeningPort:
+        listening = SendAtOnceUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
+        listening.startListening()
+        return listening
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = 30.0,
+        bindAddress: Any = None,
+    ) -> IConnector:
+        connector = _SendAtOnceTCPConnector(
+            host, port, factory, timeout, bindAddress, self._reactor
+        )
+        connector.connect()
+        return connector
+
+    def connectUNIX(
+        self, address: str, factory: ClientFactory, timeout: float = 30, checkPID: int = 0
+    ) -> IConnector:
+        connector = _SendAtOnceUNIXConnector(address, factory, timeout, self._reactor, checkPID)
+        connector.connect()
+        return connector
+
+
+def send_at_once(reactor: Any) -> Any:
+    """
+    C{reactor} wrapped in a L{SendAtOnceReactor} when it is a POSIX reactor
+    that builds Twisted's own TCP connections, else C{reactor} itself (a
+    test's C{MemoryReactor}, another event loop): connections then behave
+    exactly as that reactor's do.
+    """
+    from twisted.internet.posixbase import PosixReactorBase
+
+    if isinstance(reactor, SendAtOnceReactor) or not isinstance(reactor, PosixReactorBase):
+        return reactor
+    return SendAtOnceReactor(reactor)

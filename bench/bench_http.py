@@ -60,6 +60,7 @@ class Rig:
     proxy_pid: int
     proxy_unix: str
     proxy_tcp_port: int
+    upstream_pid: int = 0
 
     @property
     def direct(self) -> Target:
@@ -134,7 +135,7 @@ def rig(
                     tail = said.read()[-4000:]
                 raise RuntimeError("credproxy did not start; its log ends:\n" + tail)
             time.sleep(0.05)
-        yield Rig(upstream_port, proxy.pid, unix_path, tcp_port)
+        yield Rig(upstream_port, proxy.pid, unix_path, tcp_port, upstream.pid)
     finally:
         for process in (proxy, upstream):
             if process is not None and process.poll() is None:

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from credproxy._systemd import InheritedUNIXServerEndpoint
-from credproxy._transports import send_at_once
+from credproxy._transports import lean_reactor
 
 log = Logger()
 
@@ -225,8 +225,8 @@ class ListeningService(Service):
     bound_path: str | None = None
 
     def __init__(self, reactor: object, description: str, factory: IProtocolFactory) -> None:
-        # Connections it accepts send at once (credproxy._transports).
-        self._reactor = send_at_once(reactor)
+        # The connections it accepts are lean (credproxy._transports).
+        self._reactor = lean_reactor(reactor)
         self.description = description
         self._factory = factory
         self._unix = parse_unix_description(description)

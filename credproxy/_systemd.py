@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from credproxy._transports import SendAtOnceUNIXServer
+from credproxy._transports import LeanUNIXServer
 
 log = Logger()
 
@@ -137,11 +137,11 @@ class _InheritedUNIXPort(unix.Port):
     """
     A Unix listening port on a socket systemd made: unlike L{unix.Port} it
     neither chmods the socket file when it starts, nor unlinks it or shuts the
-    socket down when it stops. Its connections send at once, as every
+    socket down when it stops. Its connections are lean, as every
     listener's of credproxy's does.
     """
 
-    transport = SendAtOnceUNIXServer
+    transport = LeanUNIXServer
 
     def __init__(self, skt: socket.socket, factory: IProtocolFactory, reactor: Any) -> None:
         self._path: str | bytes = skt.getsockname()

@@ -1,28 +1,33 @@
 """
-Connections that send at once: when nothing is queued on a connection, a
-write goes to the socket in the call that makes it, instead of waiting for
-the reactor's next turn to report the socket writable.
+Connections that spare the reactor system calls: they send at once, and
+they pause reading lazily.
 
 Twisted's transports queue every write and ask the reactor to watch the
 socket for writability (an C{epoll_ctl} to start, a turn of the loop to be
 told, another C{epoll_ctl} to stop). A proxy writes once per request on each
 of its two connections, almost always to a socket with room, so that is
-four system calls and two loop turns per request for nothing. Here the write
-is tried first; whatever the socket does not take (it is full, or the
-connection failed) is queued as Twisted would have queued it, and Twisted's
-own machinery (the writability watch, producers, C{loseConnection},
-connection loss) takes over from there unchanged.
+four system calls and two loop turns per request for nothing. Here a write
+to a connection with nothing queued is tried at once; whatever the socket
+does not take (it is full, or the connection failed) is queued as Twisted
+would have queued it, and Twisted's own machinery (the writability watch,
+producers, C{loseConnection}, connection loss) takes over from there.
 
-The transports are made by L{SendAtOnceReactor}, a reactor that builds
-these connections for C{listenTCP}, C{listenUNIX}, C{connectTCP} and
-C{connectUNIX} and passes everything else to the reactor it wraps, so that
-Twisted's endpoints (and C{HostnameEndpoint}'s happy-eyeballs attempts) use
-them unchanged.
+Twisted's client pauses the upstream connection when an answer's head
+arrives and resumes it when the body gets its consumer, which the face
+gives it in the same call: two more C{epoll_ctl}s per request that change
+nothing. Here a pause is only noted; the connection leaves the reactor's
+read set when a read actually comes while paused, so a pause undone before
+then costs no system call, and no data is delivered while paused either way.
+
+The connections are made by L{LeanReactor}, a reactor that builds them for
+C{listenTCP}, C{listenUNIX}, C{connectTCP} and C{connectUNIX} and passes
+everything else to the reactor it wraps, so that Twisted's endpoints (and
+C{HostnameEndpoint}'s attempts) use them unchanged.
 
 This leans on private state of C{twisted.internet.abstract.FileDescriptor}
 (C{dataBuffer}, C{_tempDataLen}, C{_writeDisconnected}) and of Twisted's
 connectors and ports (C{Connector._makeTransport}, C{Port.transport});
-tests/test_transports.py pins each.
+tests/integration/test_transports.py pins each.
 """
 
 from __future__ import annotations
@@ -77,52 +82,85 @@ class SendAtOnceMixin:
         )
 
 
-class SendAtOnceTCPServer(SendAtOnceMixin, tcp.Server):
-    """An accepted TCP connection that sends at once."""
+class LazyPauseMixin:
+    """
+    Notes a pause of reading and applies it when a read comes: mixed in
+    ahead of a Twisted stream connection class.
+    """
+
+    _pause_pending = False
+
+    def pauseProducing(self) -> None:
+        self._pause_pending = True
+
+    def resumeProducing(self) -> None:
+        if self._pause_pending:
+            self._pause_pending = False  # it never left the read set
+            return
+        super().resumeProducing()  # type: ignore[misc]
+
+    def startReading(self) -> None:
+        self._pause_pending = False
+        super().startReading()  # type: ignore[misc]
+
+    def stopReading(self) -> None:
+        self._pause_pending = False
+        super().stopReading()  # type: ignore[misc]
+
+    def doRead(self) -> Any:
+        if self._pause_pending:
+            self.stopReading()  # paused: the read waits for resumeProducing
+            return None
+        return super().doRead()  # type: ignore[misc]
 
 
-class SendAtOnceTCPClient(SendAtOnceMixin, tcp.Client):
-    """An outgoing TCP connection that sends at once."""
+class LeanTCPServer(LazyPauseMixin, SendAtOnceMixin, tcp.Server):
+    """An accepted TCP connection that sends at once and pauses lazily."""
 
 
-class SendAtOnceUNIXServer(SendAtOnceMixin, unix.Server):
+class LeanTCPClient(LazyPauseMixin, SendAtOnceMixin, tcp.Client):
+    """An outgoing TCP connection that sends at once and pauses lazily."""
+
+
+class LeanUNIXServer(LazyPauseMixin, SendAtOnceMixin, unix.Server):
     """
     An accepted Unix connection that sends at once (unless file descriptors
-    are queued to go with the bytes: then it queues, as Twisted does).
+    are queued to go with the bytes: then it queues, as Twisted does) and
+    pauses lazily.
     """
 
     def _may_send_now(self, data: bytes) -> bool:
         return not self._sendmsgQueue and super()._may_send_now(data)
 
 
-class SendAtOnceUNIXClient(SendAtOnceMixin, unix.Client):
-    """An outgoing Unix connection that sends at once."""
+class LeanUNIXClient(LazyPauseMixin, SendAtOnceMixin, unix.Client):
+    """An outgoing Unix connection that sends at once and pauses lazily."""
 
     def _may_send_now(self, data: bytes) -> bool:
         return not self._sendmsgQueue and super()._may_send_now(data)
 
 
-class SendAtOnceTCPPort(tcp.Port):
-    transport = SendAtOnceTCPServer
+class LeanTCPPort(tcp.Port):
+    transport = LeanTCPServer
 
 
-class SendAtOnceUNIXPort(unix.Port):
-    transport = SendAtOnceUNIXServer
+class LeanUNIXPort(unix.Port):
+    transport = LeanUNIXServer
 
 
-class _SendAtOnceTCPConnector(tcp.Connector):
-    def _makeTransport(self) -> SendAtOnceTCPClient:
-        return SendAtOnceTCPClient(self.host, self.port, self.bindAddress, self, self.reactor)
+class _LeanTCPConnector(tcp.Connector):
+    def _makeTransport(self) -> LeanTCPClient:
+        return LeanTCPClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
-class _SendAtOnceUNIXConnector(unix.Connector):
+class _LeanUNIXConnector(unix.Connector):
     def _makeTransport(self) -> Any:  # a unix.Client, which is no tcp.Client
-        return SendAtOnceUNIXClient(self.address, self, self.reactor, self.checkPID)
+        return LeanUNIXClient(self.address, self, self.reactor, self.checkPID)
 
 
-class SendAtOnceReactor:
+class LeanReactor:
     """
-    A reactor whose stream connections send at once; everything but making
+    A reactor whose stream connections are lean; everything but making
     them is the wrapped reactor's (it provides what that reactor provides,
     so endpoints and C{IReactor*.providedBy} checks see no difference).
 
@@ -141,7 +179,7 @@ class SendAtOnceReactor:
     def listenTCP(
         self, port: int, factory: Factory, backlog: int = 50, interface: str = ""
     ) -> IListeningPort:
-        listening = SendAtOnceTCPPort(port, factory, backlog, interface, self._reactor)
+        listening = LeanTCPPort(port, factory, backlog, interface, self._reactor)
         listening.startListening()
         return listening
 
@@ -153,7 +191,7 @@ class SendAtOnceReactor:
         mode: int = 0o666,
         wantPID: int = 0,
     ) -> IListeningPort:
-        listening = SendAtOnceUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
+        listening = LeanUNIXPort(address, factory, backlog, mode, self._reactor, wantPID)
         listening.startListening()
         return listening
 
@@ -165,7 +203,7 @@ class SendAtOnceReactor:
         timeout: float = 30.0,
         bindAddress: Any = None,
     ) -> IConnector:
-        connector = _SendAtOnceTCPConnector(
+        connector = _LeanTCPConnector(
             host, port, factory, timeout, bindAddress, self._reactor
         )
         connector.connect()
@@ -174,20 +212,20 @@ class SendAtOnceReactor:
     def connectUNIX(
         self, address: str, factory: ClientFactory, timeout: float = 30, checkPID: int = 0
     ) -> IConnector:
-        connector = _SendAtOnceUNIXConnector(address, factory, timeout, self._reactor, checkPID)
+        connector = _LeanUNIXConnector(address, factory, timeout, self._reactor, checkPID)
         connector.connect()
         return connector
 
 
-def send_at_once(reactor: Any) -> Any:
+def lean_reactor(reactor: Any) -> Any:
     """
-    C{reactor} wrapped in a L{SendAtOnceReactor} when it is a POSIX reactor
+    C{reactor} wrapped in a L{LeanReactor} when it is a POSIX reactor
     that builds Twisted's own TCP connections, else C{reactor} itself (a
     test's C{MemoryReactor}, another event loop): connections then behave
     exactly as that reactor's do.
     """
     from twisted.internet.posixbase import PosixReactorBase
 
-    if isinstance(reactor, SendAtOnceReactor) or not isinstance(reactor, PosixReactorBase):
+    if isinstance(reactor, LeanReactor) or not isinstance(reactor, PosixReactorBase):
         return reactor
-    return SendAtOnceReactor(reactor)
+    return LeanReactor(reactor)

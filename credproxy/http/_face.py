@@ -28,7 +28,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from credproxy._listen import ListeningService, is_unix_description
-from credproxy._transports import send_at_once
+from credproxy._transports import lean_reactor
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._resource import ProxyResource
@@ -65,8 +65,8 @@ class UpstreamEndpoints:
     """
 
     def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
-        # Its connections send at once (credproxy._transports).
-        self._reactor = send_at_once(reactor)
+        # Its connections are lean (credproxy._transports).
+        self._reactor = lean_reactor(reactor)
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}

@@ -33,12 +33,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from credproxy._transports import (
-    SendAtOnceReactor,
-    SendAtOnceTCPClient,
-    SendAtOnceTCPServer,
-    SendAtOnceUNIXClient,
-    SendAtOnceUNIXServer,
-    send_at_once,
+    LeanReactor,
+    LeanTCPClient,
+    LeanTCPServer,
+    LeanUNIXClient,
+    LeanUNIXServer,
+    lean_reactor,
 )
 
 WAIT = 10.0
@@ -94,7 +94,7 @@ class Served:
 async def served(socket_dir: str) -> AsyncIterator[Served]:
     path = os.path.join(socket_dir, "s.sock")
     result = Served(path)
-    port = await UNIXServerEndpoint(send_at_once(reactor), path).listen(result.factory())
+    port = await UNIXServerEndpoint(lean_reactor(reactor), path).listen(result.factory())
     try:
         yield result
     finally:
@@ -144,7 +144,7 @@ async def test_a_write_to_an_idle_connection_is_in_the_peers_socket_when_write_r
 ) -> None:
     peer, protocol = await _accepted(served)
     try:
-        assert isinstance(protocol.transport, SendAtOnceUNIXServer)
+        assert isinstance(protocol.transport, LeanUNIXServer)
         protocol.transport.write(b"first")
         protocol.transport.writeSequence([b"-", b"second"])
         # No reactor turn since: Twisted's own transport would still hold both.
@@ -161,7 +161,7 @@ async def test_what_the_socket_does_not_take_is_queued_and_sent_in_order(
     peer, protocol = await _accepted(served)
     try:
         transport = protocol.transport
-        assert isinstance(transport, SendAtOnceUNIXServer)
+        assert isinstance(transport, LeanUNIXServer)
         rng = random.Random(7)
         pieces = [bytes([i % 251]) * rng.randrange(1, 300_000) for i in range(40)]
         for i, piece in enumerate(pieces):
@@ -261,14 +261,14 @@ async def test_nothing_is_sent_after_the_write_side_is_closed(served: Served) ->
 
 
 @pytest_twisted.ensureDeferred
-async def test_outgoing_connections_send_at_once_through_twisteds_endpoints(
+async def test_outgoing_connections_lean_reactor_through_twisteds_endpoints(
     served: Served,
 ) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
     port = listener.getsockname()[1]
-    wrapped = send_at_once(reactor)
+    wrapped = lean_reactor(reactor)
     try:
         for endpoint in (
             TCP4ClientEndpoint(wrapped, "127.0.0.1", port),
@@ -277,7 +277,7 @@ async def test_outgoing_connections_send_at_once_through_twisteds_endpoints(
             protocol: Recorder = await endpoint.connect(Factory.forProtocol(Recorder))  # type: ignore[assignment]
             accepted, _ = listener.accept()
             try:
-                assert isinstance(protocol.transport, SendAtOnceTCPClient)
+                assert isinstance(protocol.transport, LeanTCPClient)
                 protocol.transport.write(b"hello")
                 accepted.settimeout(WAIT)
                 assert accepted.recv(10) == b"hello"
@@ -287,14 +287,14 @@ async def test_outgoing_connections_send_at_once_through_twisteds_endpoints(
         unix_client = await UNIXClientEndpoint(wrapped, served.path).connect(
             Factory.forProtocol(Recorder)
         )
-        assert isinstance(unix_client.transport, SendAtOnceUNIXClient)
+        assert isinstance(unix_client.transport, LeanUNIXClient)
         unix_client.transport.loseConnection()
     finally:
         listener.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_listeners_accept_connections_that_send_at_once() -> None:
+async def test_tcp_listeners_accept_connections_that_lean_reactor() -> None:
     made: Deferred[Recorder] = Deferred()
 
     class _Factory(Factory):
@@ -303,11 +303,11 @@ async def test_tcp_listeners_accept_connections_that_send_at_once() -> None:
             protocol.made.chainDeferred(made)
             return protocol
 
-    port = send_at_once(reactor).listenTCP(0, _Factory(), interface="127.0.0.1")
+    port = lean_reactor(reactor).listenTCP(0, _Factory(), interface="127.0.0.1")
     peer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=WAIT)
     try:
         protocol = await made.addTimeout(WAIT, reactor)
-        assert isinstance(protocol.transport, SendAtOnceTCPServer)
+        assert isinstance(protocol.transport, LeanTCPServer)
         protocol.transport.write(b"tcp")
         assert peer.recv(10) == b"tcp"
     finally:
@@ -316,17 +316,17 @@ async def test_tcp_listeners_accept_connections_that_send_at_once() -> None:
 
 
 def test_the_wrapper_provides_what_the_reactor_provides() -> None:
-    wrapped = send_at_once(reactor)
-    assert isinstance(wrapped, SendAtOnceReactor)
+    wrapped = lean_reactor(reactor)
+    assert isinstance(wrapped, LeanReactor)
     for interface in (IReactorTCP, IReactorUNIX, IReactorTime):
         assert interface.providedBy(wrapped)
     assert wrapped.seconds() == pytest.approx(reactor.seconds(), abs=1.0)
-    assert send_at_once(wrapped) is wrapped  # not wrapped twice
+    assert lean_reactor(wrapped) is wrapped  # not wrapped twice
 
 
 def test_a_reactor_that_is_not_twisteds_posix_one_is_left_as_it_is() -> None:
     memory = MemoryReactorClock()
-    assert send_at_once(memory) is memory
+    assert lean_reactor(memory) is memory
 
 
 def test_the_private_twisted_names_it_leans_on_exist() -> None:
@@ -336,3 +336,46 @@ def test_the_private_twisted_names_it_leans_on_exist() -> None:
     assert tcp.Port.transport is tcp.Server and unix.Port.transport is unix.Server
     assert callable(tcp.Connector._makeTransport) and callable(unix.Connector._makeTransport)
     assert "_sendmsgQueue" in unix._SendmsgMixin.__init__.__code__.co_names
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pause_undone_before_a_read_never_leaves_the_read_set(served: Served) -> None:
+    peer, protocol = await _accepted(served)
+    try:
+        transport = protocol.transport
+        assert isinstance(transport, LeanUNIXServer)
+        reads = reactor._reads
+        assert transport.fileno() in reads
+        transport.pauseProducing()
+        assert transport.fileno() in reads  # only noted
+        transport.resumeProducing()
+        assert transport.fileno() in reads
+        peer.send(b"after")
+        for _ in range(200):
+            if protocol.received:
+                break
+            await _sleep(0.005)
+        assert protocol.received == b"after"
+    finally:
+        peer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_delivered_while_paused_and_all_of_it_after(served: Served) -> None:
+    peer, protocol = await _accepted(served)
+    try:
+        transport = protocol.transport
+        assert isinstance(transport, LeanUNIXServer)
+        transport.pauseProducing()
+        peer.send(b"while paused")
+        await _sleep(0.1)  # the read came: the pause took effect instead
+        assert protocol.received == b""
+        assert transport.fileno() not in reactor._reads
+        transport.resumeProducing()
+        for _ in range(200):
+            if protocol.received:
+                break
+            await _sleep(0.005)
+        assert protocol.received == b"while paused"
+    finally:
+        peer.close()

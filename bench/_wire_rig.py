@@ -88,7 +88,12 @@ def workdir() -> Iterator[str]:
 
 @contextmanager
 def server(
-    directory: str, name: str, *, audit_log: bool = True, server_args: Sequence[str] = ()
+    directory: str,
+    name: str,
+    *,
+    audit_log: bool = True,
+    audit_json: bool = False,
+    server_args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """
     The credential socket in its own process, at C{directory}/C{name}.sock;
@@ -99,6 +104,8 @@ def server(
     log_args = (
         ["--log", os.path.join(directory, f"{name}-audit.log")] if audit_log else ["--no-log"]
     )
+    if audit_json:
+        log_args += ["--audit-json", os.path.join(directory, f"{name}-audit.jsonl")]
     errors = os.path.join(directory, f"{name}.err")
     with open(errors, "w") as sink:
         process = subprocess.Popen(

@@ -4,7 +4,7 @@ has a core to itself: L{RPCFace} over a L{MemoryTokenStore} holding one
 token (provider C{anthropic}) and an empty L{MemoryProviderKeyStore}, no
 capability token, on a Unix socket, under the epoll reactor.
 
-    python -m bench._wire_server SOCKET_PATH [--log FILE | --no-log]
+    python -m bench._wire_server SOCKET_PATH [--log FILE | --no-log] [--audit-json FILE]
                                  [--store file --state-dir DIR]
                                  [--store redis://... --store-key-file F --redis-prefix P]
 
@@ -16,7 +16,8 @@ cache is cold, announcements subscribed to); Redis must already hold it.
 
 The audit trail goes to FILE as text lines, as under C{twistd --logfile}
 (the cost of an audit line per op is part of what is measured), or nowhere
-with C{--no-log}; warnings and errors also go to stderr. Prints C{ready}
+with C{--no-log}, or with C{--audit-json} to a JSON-lines file as
+credproxy's C{--audit-log} writes it; warnings and errors also go to stderr. Prints C{ready}
 once listening; SIGTERM stops it cleanly.
 """
 
@@ -36,6 +37,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from credproxy import FileAuditTrail
 from credproxy._listen import unix_description
 from credproxy.broker import Broker
 from credproxy.stores import (
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("socket")
     parser.add_argument("--log", help="audit log file (text lines, as twistd writes)")
     parser.add_argument("--no-log", action="store_true", help="discard the audit trail")
+    parser.add_argument("--audit-json", help="audit records to this file as JSON lines instead")
     parser.add_argument("--store", default="memory", help="memory, file or a Redis URL")
     parser.add_argument("--state-dir", help="the file store's directory (with --store file)")
     parser.add_argument("--store-key-file", help="with a Redis store")
@@ -135,11 +138,15 @@ def main() -> None:
     else:
         tokens, keys = MemoryTokenStore(), MemoryProviderKeyStore()
         tokens.save_token(PROVIDER, TOKEN)
+    trail = FileAuditTrail(reactor, args.audit_json) if args.audit_json else None
     face = RPCFace(
         reactor,
         [unix_description(args.socket) + ":backlog=1024"],
         Broker(reactor, tokens, keys),
+        audit_trail=trail,
     )
+    if trail is not None:
+        reactor.addSystemEventTrigger("after", "shutdown", trail.stopService)
     face.startService()
     reactor.addSystemEventTrigger("before", "shutdown", face.stopService)
     sys.stdout.write("ready\n")

@@ -160,6 +160,17 @@ def main() -> None:
                 )
             )
 
+        with server(directory, "json", audit_json=True) as s:
+            to_json = measure([raw(s.socket, 1, "j")], s.pid, warmup=warmup, seconds=seconds)
+            rows.append(
+                load_row(
+                    f"get_token, 1 conn x {MAX_IN_FLIGHT} in flight, audit trail to a "
+                    "JSON-lines file (--audit-log)",
+                    to_json,
+                    "",
+                )
+            )
+
         count = 100_000 if quick else 300_000
         stream, frame_len = request_stream(count)
         chunk = MAX_FRAMES_PER_READ * frame_len

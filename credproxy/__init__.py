@@ -9,6 +9,7 @@ C{credproxy.inner} (the sandbox side) and C{credproxy.testing} (doubles for
 tests) export their own names.
 """
 
+from credproxy._audit_trail import AuditLogError, FileAuditTrail, IAuditTrail, LogAuditTrail
 from credproxy._limits import ConnectionLimits
 from credproxy._secret import Secret, read_secret_file
 from credproxy.broker import Broker, SandboxPolicy
@@ -25,6 +26,7 @@ from credproxy.service import BrokerConfig, CredproxyConfig, CredproxyService
 from credproxy.wire import RPCFace
 
 __all__ = [
+    "AuditLogError",
     "Broker",
     "BrokerConfig",
     "BrokerCredentialSource",
@@ -33,10 +35,13 @@ __all__ = [
     "CredproxyConfig",
     "CredproxyService",
     "EnvironmentCredentialSource",
+    "FileAuditTrail",
     "FirstAvailableCredentialSource",
     "HTTPFace",
     "HTTPProxyConfig",
+    "IAuditTrail",
     "ICredentialSource",
+    "LogAuditTrail",
     "RPCFace",
     "SandboxPolicy",
     "Secret",

@@ -203,9 +203,7 @@ class LeanReactor:
         timeout: float = 30.0,
         bindAddress: Any = None,
     ) -> IConnector:
-        connector = _LeanTCPConnector(
-            host, port, factory, timeout, bindAddress, self._reactor
-        )
+        connector = _LeanTCPConnector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from credproxy import _process
+from credproxy._audit_trail import AuditLogError, FileAuditTrail, IAuditTrail, LogAuditTrail
 from credproxy._limits import ConnectionLimits
 from credproxy._listen import (
     ListenError,
@@ -122,6 +123,8 @@ class CredproxyConfig:
     # The credential socket's own slots (the HTTP face's are in http.limits).
     rpc_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES
+    # A file for the faces' audit records (JSON lines); None: twisted.logger.
+    audit_log: str | None = None
 
 
 class CredproxyConfigError(ValueError):
@@ -258,6 +261,15 @@ class CredproxyService(MultiService):
     ) -> None:
         super().__init__()
         self.config = config
+        self.audit_trail: IAuditTrail = LogAuditTrail()
+        if config.audit_log is not None:
+            try:
+                trail = FileAuditTrail(reactor, config.audit_log)
+            except AuditLogError as e:
+                raise CredproxyConfigError(str(e)) from None
+            # The first child, so it stops last: after the faces' last records.
+            trail.setServiceParent(self)
+            self.audit_trail = trail
         self._runtime_dir = default_runtime_dir(environ)
         if broker is None:
             if calls is None:
@@ -287,6 +299,7 @@ class CredproxyService(MultiService):
                 credentials,
                 grace=config.grace,
                 agent=agent,
+                audit_trail=self.audit_trail,
             )
             self.http_face.setServiceParent(self)
         self.rpc_face: RPCFace | None = None
@@ -299,6 +312,7 @@ class CredproxyService(MultiService):
                 allowed_uids=config.http.allowed_uids,
                 limits=config.rpc_limits,
                 max_pending_handshakes=config.max_pending_handshakes,
+                audit_trail=self.audit_trail,
             )
             self.rpc_face.setServiceParent(self)
 

@@ -300,6 +300,13 @@ class Options(StoreOptions):
             "socket then serves only sandbox connections that present it.",
         ],
         ["grace", None, DEFAULT_GRACE, "Seconds in-flight streams may finish at stop.", float],
+        [
+            "audit-log",
+            None,
+            None,
+            "Append the audit records to this file as JSON lines (made with mode 0600) "
+            "instead of the log.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -364,6 +371,11 @@ class Options(StoreOptions):
                 raise usage.UsageError(f"--{option[0]} must be a positive, finite number")
         if self["grace"] < 0:
             raise usage.UsageError("--grace must not be negative")
+        if self["audit-log"] is not None:
+            if not self["audit-log"]:
+                raise usage.UsageError("--audit-log needs a path")
+            # Absolute: a daemon's working directory may change.
+            self["audit-log"] = os.path.abspath(self["audit-log"])
         if not self["bucket"]:
             raise usage.UsageError("--bucket needs a name")
         upstream = urlsplit(self["upstream"])
@@ -423,6 +435,7 @@ class Options(StoreOptions):
             max_pending_handshakes=self["max-pending-handshakes"],
             capability_token=token,
             grace=self["grace"],
+            audit_log=self["audit-log"],
             broker=self.broker_config(
                 bucket=self["bucket"],
                 sandbox_readable=frozenset(self["sandbox-read"]) if self["sandbox-read"] else None,

@@ -16,6 +16,7 @@ import credproxy.wire
 
 def test_top_level_exports() -> None:
     assert sorted(credproxy.__all__) == [
+        "AuditLogError",
         "Broker",
         "BrokerConfig",
         "BrokerCredentialSource",
@@ -24,10 +25,13 @@ def test_top_level_exports() -> None:
         "CredproxyConfig",
         "CredproxyService",
         "EnvironmentCredentialSource",
+        "FileAuditTrail",
         "FirstAvailableCredentialSource",
         "HTTPFace",
         "HTTPProxyConfig",
+        "IAuditTrail",
         "ICredentialSource",
+        "LogAuditTrail",
         "RPCFace",
         "SandboxPolicy",
         "Secret",

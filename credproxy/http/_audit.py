@@ -9,13 +9,13 @@ import re
 from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from credproxy._audit_trail import IAuditTrail
 from credproxy._limits import FloodLog
 from credproxy.http._body import RequestBody
 from credproxy.http._usage import Usage
 
-audit_log = Logger(namespace="credproxy.http.audit")
+AUDIT_NAMESPACE: Final = "credproxy.http.audit"
 
 # The model an agent asked for, when the answer did not say (errors, refusals);
 # only the start of the body is searched.
@@ -45,6 +45,7 @@ def requested_model(body: RequestBody) -> str | None:
 
 
 def audit(
+    trail: IAuditTrail,
     *,
     method: bytes,
     path: bytes,
@@ -79,11 +80,12 @@ def audit(
     )
     if detail:
         line += " " + detail  # fixed words and numbers only
+        fields["detail"] = detail
     if suppressed:
         # The flood gate left out this many refusals like this one.
         line += f" suppressed={suppressed}"
         fields["suppressed"] = suppressed
-    audit_log.info("{line}", line=line, **fields)
+    trail.record(AUDIT_NAMESPACE, fields, line)
 
 
 class RefusalAudit:
@@ -94,8 +96,9 @@ class RefusalAudit:
     one line a second. One per face; L{stop} it with the face.
     """
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, trail: IAuditTrail) -> None:
         self._clock = clock
+        self._trail = trail
         self._log = FloodLog(clock, self._summarize)
 
     def refused(
@@ -117,6 +120,7 @@ class RefusalAudit:
             return
         now = self._clock.seconds()
         audit(
+            self._trail,
             method=method,
             path=path,
             status=status,
@@ -129,13 +133,11 @@ class RefusalAudit:
             detail=detail,
         )
 
-    @staticmethod
-    def _summarize(outcome: str, left_out: int) -> None:
-        audit_log.info(
-            "{line}",
-            line=f"refusals_suppressed outcome={outcome} suppressed={left_out}",
-            outcome=outcome,
-            suppressed=left_out,
+    def _summarize(self, outcome: str, left_out: int) -> None:
+        self._trail.record(
+            AUDIT_NAMESPACE,
+            {"event": "refusals_suppressed", "outcome": outcome, "suppressed": left_out},
+            f"refusals_suppressed outcome={outcome} suppressed={left_out}",
         )
 
     def stop(self) -> None:

@@ -25,6 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from credproxy._audit_trail import IAuditTrail
 from credproxy.broker.credentials import (
     STORE_UNAVAILABLE,
     CredentialUnavailable,
@@ -62,6 +63,8 @@ class ExchangeContext:
     upstream_base: bytes
     # The face's cap on upstream requests in flight, shared by its exchanges.
     slots: UpstreamSlots
+    # Where each exchange's audit record goes.
+    audit_trail: IAuditTrail
 
 
 def agent_transport(request: Request) -> Any:
@@ -603,6 +606,7 @@ class Exchange:
         if self._replayed and outcome == "ok":
             outcome = "replayed"  # answered after one replay with a replaced credential
         audit(
+            self._context.audit_trail,
             method=request.method,
             path=request.path,
             status=self._status,

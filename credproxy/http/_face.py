@@ -27,6 +27,7 @@ from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from credproxy._audit_trail import IAuditTrail
 from credproxy._listen import ListeningService, is_unix_description
 from credproxy._transports import lean_reactor
 from credproxy.broker.credentials import ICredentialSource
@@ -125,16 +126,18 @@ def build_proxy_site(
     config: HTTPProxyConfig,
     credentials: ICredentialSource,
     agent: IAgent | None = None,
+    audit_trail: IAuditTrail | None = None,
 ) -> ProxySite:
     """
     The HTTP face's site, for listening on endpoints of your own. Without an
     C{agent}, one with its own connection pool and verified TLS is made; call
-    C{site.close()} when done with it.
+    C{site.close()} when done with it. Without an C{audit_trail}, audit
+    records go to twisted.logger.
     """
     pool: HTTPConnectionPool | None = None
     if agent is None:
         agent, pool = _default_agent(reactor, config)
-    site = ProxySite(ProxyResource(reactor, config, credentials, agent), reactor)
+    site = ProxySite(ProxyResource(reactor, config, credentials, agent, audit_trail), reactor)
     site.pool = pool
     return site
 
@@ -154,6 +157,7 @@ class HTTPFace(MultiService):
         credentials: ICredentialSource,
         grace: float = 10.0,
         agent: IAgent | None = None,
+        audit_trail: IAuditTrail | None = None,
     ) -> None:
         super().__init__()
         for endpoint in endpoints:
@@ -163,7 +167,7 @@ class HTTPFace(MultiService):
                     "sockets identify their peers"
                 )
         self.grace = grace
-        self.site = build_proxy_site(reactor, config, credentials, agent)
+        self.site = build_proxy_site(reactor, config, credentials, agent, audit_trail)
         for endpoint in endpoints:
             ListeningService(reactor, endpoint, self.site).setServiceParent(self)
 

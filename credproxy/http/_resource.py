@@ -13,6 +13,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from credproxy._audit_trail import IAuditTrail, LogAuditTrail
 from credproxy._listen import peer_credentials
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._admission import SHUTTING_DOWN, admission_refusal
@@ -40,8 +41,11 @@ class ProxyResource(Resource):
         config: HTTPProxyConfig,
         credentials: ICredentialSource,
         agent: IAgent,
+        audit_trail: IAuditTrail | None = None,
     ) -> None:
         super().__init__()
+        if audit_trail is None:
+            audit_trail = LogAuditTrail()
         self.reactor = reactor
         self.config = config
         self.credentials = credentials
@@ -54,12 +58,13 @@ class ProxyResource(Resource):
             agent,
             self.upstream_base,
             UpstreamSlots.for_config(reactor, config),
+            audit_trail,
         )
         self._active: set[Exchange] = set()
         self._draining = False
         self._drained: list[Deferred[None]] = []
         # The face's refusal lines (the site's gate writes through it too).
-        self.refusals = RefusalAudit(reactor)
+        self.refusals = RefusalAudit(reactor, audit_trail)
 
     def render(self, request: Request) -> bytes | int:
         started = self.reactor.seconds()

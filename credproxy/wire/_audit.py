@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
+from credproxy._audit_trail import IAuditTrail
 from credproxy._limits import FLOOD_LOG_INTERVAL, FloodLog
 from credproxy.wire._ops import AuditRecord
 
-audit_log: Final = Logger(namespace="credproxy.wire.audit")
+AUDIT_NAMESPACE: Final = "credproxy.wire.audit"
 
 # Names come from the client: cut them short and escape anything that is not
 # printable ASCII, so a name can neither flood the log nor forge a line.
@@ -32,18 +32,16 @@ def printable(name: str | None) -> str | None:
     return shown + "..." if len(name) > _NAME_LIMIT else shown
 
 
-def connection_event(connection: int, event: str, **details: object) -> None:
+def connection_event(trail: IAuditTrail, connection: int, event: str, **details: object) -> None:
     """
     C{event} is one of connected, handshake, refused, closed; C{details}
     are numbers, booleans and fixed words only.
     """
     shown = " ".join(f"{k}={v}" for k, v in details.items())
-    audit_log.info(
-        "credential socket conn={connection} {event} {details}",
-        connection=connection,
-        event=event,
-        details=shown,
-        **details,
+    trail.record(
+        AUDIT_NAMESPACE,
+        {"connection": connection, "event": event, **details},
+        f"credential socket conn={connection} {event} {shown}",
     )
 
 
@@ -55,7 +53,10 @@ class RefusalLog:
     the count of a flood's tail comes in a C{refusals_suppressed} line.
     """
 
-    def __init__(self, clock: IReactorTime, interval: float = FLOOD_LOG_INTERVAL) -> None:
+    def __init__(
+        self, clock: IReactorTime, trail: IAuditTrail, interval: float = FLOOD_LOG_INTERVAL
+    ) -> None:
+        self._trail = trail
         self._log = FloodLog(clock, self._summarize, interval)
 
     def refused(self, connection: int, kind: str, **details: object) -> None:
@@ -65,7 +66,9 @@ class RefusalLog:
         """
         suppressed = self._log.admit(kind)
         if suppressed is not None:
-            connection_event(connection, "refused", reason=kind, **details, suppressed=suppressed)
+            connection_event(
+                self._trail, connection, "refused", reason=kind, **details, suppressed=suppressed
+            )
 
     def closed_before_handshake(self, connection: int, reason: str) -> None:
         """
@@ -78,12 +81,16 @@ class RefusalLog:
         suppressed = self._log.admit(kind)
         if suppressed is not None:
             connection_event(
-                connection, "closed", reason=reason, handshaken=False, suppressed=suppressed
+                self._trail,
+                connection,
+                "closed",
+                reason=reason,
+                handshaken=False,
+                suppressed=suppressed,
             )
 
-    @staticmethod
-    def _summarize(kind: str, left_out: int) -> None:
-        connection_event(0, "refusals_suppressed", reason=kind, suppressed=left_out)
+    def _summarize(self, kind: str, left_out: int) -> None:
+        connection_event(self._trail, 0, "refusals_suppressed", reason=kind, suppressed=left_out)
 
     def stop(self) -> None:
         """
@@ -92,7 +99,7 @@ class RefusalLog:
         self._log.stop()
 
 
-def op_done(connection: int, record: AuditRecord, duration: float) -> None:
+def op_done(trail: IAuditTrail, connection: int, record: AuditRecord, duration: float) -> None:
     """
     The op's line, rendered here in one f-string: a log observer then formats
     a single field instead of eight, which is most of an audit line's cost
@@ -105,18 +112,18 @@ def op_done(connection: int, record: AuditRecord, duration: float) -> None:
         printable(record.key),
     )
     duration_ms = round(duration * 1000, 2)
-    audit_log.info(
-        "{line}",
-        line=(
-            f"credential socket conn={connection} op={op} provider={provider} bucket={bucket} "
-            f"key={key} status={record.status} count={record.count} duration_ms={duration_ms}"
-        ),
-        connection=connection,
-        op=op,
-        provider=provider,
-        bucket=bucket,
-        key=key,
-        status=record.status,
-        count=record.count,
-        duration_ms=duration_ms,
+    trail.record(
+        AUDIT_NAMESPACE,
+        {
+            "connection": connection,
+            "op": op,
+            "provider": provider,
+            "bucket": bucket,
+            "key": key,
+            "status": record.status,
+            "count": record.count,
+            "duration_ms": duration_ms,
+        },
+        f"credential socket conn={connection} op={op} provider={provider} bucket={bucket} "
+        f"key={key} status={record.status} count={record.count} duration_ms={duration_ms}",
     )

@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from credproxy._audit_trail import IAuditTrail
 from credproxy._limits import ConnectionLimits
 from credproxy._listen import ListeningService, is_unix_description
 from credproxy._secret import Secret
@@ -56,6 +57,7 @@ class RPCFace(MultiService):
         allowed_uids: frozenset[int] = frozenset(),
         limits: ConnectionLimits = DEFAULT_LIMITS,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        audit_trail: IAuditTrail | None = None,
     ) -> None:
         super().__init__()
         for endpoint in endpoints:
@@ -71,6 +73,7 @@ class RPCFace(MultiService):
             allowed_uids=allowed_uids or frozenset({os.getuid()}),
             limits=limits,
             max_pending_handshakes=max_pending_handshakes,
+            audit_trail=audit_trail,
         )
         for endpoint in endpoints:
             ListeningService(reactor, endpoint, self.factory).setServiceParent(self)

@@ -38,6 +38,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from credproxy._audit_trail import IAuditTrail, LogAuditTrail
 from credproxy._limits import ConnectionLimits, ConnectionSlots, SlotRefusal, peer_key
 from credproxy._listen import peer_credentials
 from credproxy._secret import Secret
@@ -313,7 +314,11 @@ class CredentialServerProtocol(Int32StringReceiver):
         close_reason = self._close_reason or "peer"
         if self._announced:
             _audit.connection_event(
-                self.number, "closed", reason=close_reason, abandoned=len(pending)
+                self.factory.audit_trail,
+                self.number,
+                "closed",
+                reason=close_reason,
+                abandoned=len(pending),
             )
         elif not self._refused:
             # Never handshaken, and not refused (a refusal wrote its line).
@@ -499,8 +504,16 @@ class CredentialServerProtocol(Int32StringReceiver):
         self._idle_timer = self._clock.callLater(CONNECTION_IDLE_TIMEOUT, self._check_idle)
         self._transport.write(frame(encode_json(_handshake.accepted(version))))
         self._announced = True
-        _audit.connection_event(self.number, "connected", peer_uid=self.peer_uid)
-        _audit.connection_event(self.number, "handshake", version=version, sandbox=self.sandbox)
+        _audit.connection_event(
+            self.factory.audit_trail, self.number, "connected", peer_uid=self.peer_uid
+        )
+        _audit.connection_event(
+            self.factory.audit_trail,
+            self.number,
+            "handshake",
+            version=version,
+            sandbox=self.sandbox,
+        )
 
     def evict(self) -> None:
         """
@@ -570,7 +583,7 @@ class CredentialServerProtocol(Int32StringReceiver):
         if code is ErrorCode.RESOURCE_EXHAUSTED:
             record.status = Status.ERROR
         self._answer_error(request_id, code, message)
-        _audit.op_done(self.number, record, 0.0)
+        _audit.op_done(self.factory.audit_trail, self.number, record, 0.0)
 
     def _run(self, request_id: str, op: str, payload: Mapping[str, Any]) -> None:
         assert self._context is not None
@@ -630,7 +643,7 @@ class CredentialServerProtocol(Int32StringReceiver):
             self._answer_error(request_id, ErrorCode.INTERNAL_ERROR, Message.INTERNAL)
         now = self._clock.seconds()
         self._last_activity = now
-        _audit.op_done(self.number, record, now - entry.started)
+        _audit.op_done(self.factory.audit_trail, self.number, record, now - entry.started)
         return
 
     def _interrupt(self, request_id: str, entry: _InFlight, status: str) -> None:
@@ -640,7 +653,12 @@ class CredentialServerProtocol(Int32StringReceiver):
         del self._in_flight[request_id]
         entry.answered = True
         entry.record.status = status
-        _audit.op_done(self.number, entry.record, self._clock.seconds() - entry.started)
+        _audit.op_done(
+            self.factory.audit_trail,
+            self.number,
+            entry.record,
+            self._clock.seconds() - entry.started,
+        )
         if entry.deferred is not None:
             entry.deferred.cancel()
 
@@ -652,7 +670,12 @@ class CredentialServerProtocol(Int32StringReceiver):
             return
         entry.answered = True
         entry.record.status = status
-        _audit.op_done(self.number, entry.record, self._clock.seconds() - entry.started)
+        _audit.op_done(
+            self.factory.audit_trail,
+            self.number,
+            entry.record,
+            self._clock.seconds() - entry.started,
+        )
         if entry.deferred is not None:
             entry.deferred.cancel()
 
@@ -669,7 +692,7 @@ class CredentialServerProtocol(Int32StringReceiver):
                 self._answer_error(target, ErrorCode.CANCELLED, Message.CANCELLED)
                 self._interrupt(target, entry, Status.CANCELLED)
             record.count = 1 if entry is not None else 0
-        _audit.op_done(self.number, record, 0.0)
+        _audit.op_done(self.factory.audit_trail, self.number, record, 0.0)
 
     def _timed_out(self, request_id: str, entry: _InFlight) -> None:
         entry.timer = None
@@ -746,17 +769,20 @@ class CredentialServerFactory(Factory):
         allowed_uids: frozenset[int] = frozenset(),
         limits: ConnectionLimits = DEFAULT_LIMITS,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        audit_trail: IAuditTrail | None = None,
     ) -> None:
         if max_pending_handshakes < 1:
             raise ValueError("max_pending_handshakes must be at least 1")
         self.reactor = reactor
+        # Where the audit records of this server's connections and ops go.
+        self.audit_trail: IAuditTrail = audit_trail if audit_trail is not None else LogAuditTrail()
         self.broker = broker
         self.capability_token = capability_token
         self.allowed_uids = allowed_uids
         self.limits = limits
         self.max_pending_handshakes = max_pending_handshakes
         self.slots = ConnectionSlots(limits)
-        self.refusals = _audit.RefusalLog(reactor)
+        self.refusals = _audit.RefusalLog(reactor, self.audit_trail)
         self.accepting = True
         self._connections: set[CredentialServerProtocol] = set()
         # Insertion-ordered, so the first of a peer's is its oldest.

@@ -496,3 +496,57 @@ async def test_store_keyring_without_a_secret_service_exits_with_one_line(runtim
     lines = [line for line in running.output().splitlines() if "credproxy:" in line]
     assert len(lines) == 1 and "--store keyring: no usable Secret Service" in lines[0]
     assert not os.path.exists(running.http_sock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_log_gets_both_faces_records_as_json_lines(
+    upstream: Upstream, runtime: str
+) -> None:
+    audit_path = os.path.join(runtime, "audit.jsonl")
+    running = start(runtime, "--upstream", upstream.url, "--audit-log", "audit.jsonl")
+    try:
+        await wait_serving(running, running.http_sock, running.cred_sock)
+        assert stat.S_IMODE(os.stat(audit_path).st_mode) == 0o600
+        status, _ = await deferToThread(post_messages, running.http_sock, False)
+        assert status == 200
+        outcomes = await deferToThread(credential_session, running.cred_sock)
+        assert outcomes[1] == {"access_token": "acc-twistd"}
+        running.process.send_signal(signal.SIGTERM)
+        assert await wait_exit(running) in STOPPED_BY_SIGTERM
+        with open(audit_path, encoding="utf-8") as f:
+            text = f.read()
+        records = [json.loads(line) for line in text.splitlines()]
+        http_records = [r for r in records if r["log"] == "credproxy.http.audit"]
+        assert [(r["method"], r["path"], r["status"], r["outcome"]) for r in http_records] == [
+            ("POST", "/v1/messages", 200, "ok")
+        ]
+        ops = [r["op"] for r in records if r["log"] == "credproxy.wire.audit" and "op" in r]
+        assert ops == ["save_token", "get_token", "list_providers"]
+        assert all(r["time"].endswith("Z") for r in records)
+        output = running.output()
+        assert "/v1/messages" not in output  # the records went to the file instead
+        assert "op=get_token" not in output
+        for secret in (API_KEY, "placeholder", "acc-twistd", "ref-twistd"):
+            assert secret not in text
+            assert secret not in output
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_audit_log_others_may_read_is_refused_with_one_line(runtime: str) -> None:
+    audit_path = os.path.join(runtime, "audit.jsonl")
+    with open(os.open(audit_path, os.O_WRONLY | os.O_CREAT, 0o600), "w"):
+        pass
+    os.chmod(audit_path, 0o644)
+    running = start(runtime, "--audit-log", audit_path)
+    code = await wait_exit(running)
+    assert code != 0
+    output = running.output().strip()
+    assert output.splitlines()[-1] == (
+        f"credproxy: audit log {audit_path} may be read or written by others "
+        "(mode 644; chmod 600 it)"
+    )
+    assert not os.path.exists(running.http_sock)

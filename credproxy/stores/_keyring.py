@@ -68,6 +68,10 @@ INDEX_VERSION = 1
 # The largest item credproxy writes or parses. A token is a few KiB; an index
 # of thousands of names stays far below. A bigger item is not ours.
 MAX_ITEM_CHARS = 1024 * 1024
+# A write is tried this often when the Secret Service reports an item it has
+# just found as gone (secretstorage's ItemNotFoundException): gnome-keyring
+# does under concurrent writes to one collection, and the next try succeeds.
+WRITE_ATTEMPTS = 3
 
 _T = TypeVar("_T")
 _K = TypeVar("_K", bound=Hashable)  # what a store keys its entries by
@@ -137,10 +141,14 @@ class _Items:
         return value
 
     def write(self, item: str, value: str, what: str) -> None:
-        try:
-            self.backend.set_password(SERVICE, item, value)
-        except Exception as e:
-            raise _failure(f"write {what}", e) from None
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                self.backend.set_password(SERVICE, item, value)
+                return
+            except Exception as e:
+                if type(e).__name__ == "ItemNotFoundException" and attempt < WRITE_ATTEMPTS:
+                    continue
+                raise _failure(f"write {what}", e) from None
 
     def delete(self, item: str, what: str) -> bool:
         try:

@@ -23,6 +23,7 @@ from keyring.backend import KeyringBackend
 from keyring.backends import fail as fail_backend
 from keyring.backends.SecretService import Keyring as SecretServiceKeyring
 from keyring.errors import PasswordSetError
+from secretstorage.exceptions import ItemNotFoundException
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import SynchronousTestCase
@@ -43,6 +44,7 @@ from credproxy.stores._keyring import (
     MAX_ITEM_CHARS,
     SERVICE,
     TOKEN_INDEX_ITEM,
+    WRITE_ATTEMPTS,
     key_item,
     token_item,
 )
@@ -68,6 +70,7 @@ class CountingBackend:
         self.inner = inner
         self.calls: list[tuple[str, str]] = []
         self.fail_writes = False
+        self.vanishing_writes = 0  # writes that first find their item gone
 
     def get_password(self, service: str, username: str) -> str | None:
         self.calls.append(("get", username))
@@ -77,6 +80,9 @@ class CountingBackend:
         self.calls.append(("set", username))
         if self.fail_writes:
             raise PasswordSetError("refused by the test")
+        if self.vanishing_writes:
+            self.vanishing_writes -= 1
+            raise ItemNotFoundException("gone, as under concurrent writes")
         self.inner.set_password(service, username, password)
 
     def delete_password(self, service: str, username: str) -> None:
@@ -311,6 +317,26 @@ class KeyringTokenStoreTests(KeyringCase):
         self.successResultOf(store.save_token("anthropic", fits))
         self.service.set_password(SERVICE, token_item("openai"), "x" * (MAX_ITEM_CHARS + 1))
         self.failureResultOf(store.get_token("openai"), StoreCorrupt)
+
+
+class VanishingItemTests(KeyringCase):
+    def test_a_write_that_finds_its_item_gone_is_tried_again(self) -> None:
+        store = self.tokens()
+        self.backend.vanishing_writes = WRITE_ATTEMPTS - 1
+        self.successResultOf(store.save_token("anthropic", token("acc-retried")))
+        got = self.successResultOf(self.tokens().get_token("anthropic"))
+        assert got is not None and got["access_token"] == "acc-retried"
+
+    def test_a_write_that_keeps_finding_it_gone_fails_after_its_attempts(self) -> None:
+        store = self.tokens()
+        self.backend.vanishing_writes = WRITE_ATTEMPTS
+        failure = self.failureResultOf(store.save_token("anthropic", token("acc-gone")), StoreError)
+        self.assertIn("ItemNotFoundException", str(failure.value))
+        self.assertNotIn("acc-gone", str(failure.value))
+        self.assertEqual(
+            [c for c in self.backend.calls if c == ("set", token_item("anthropic"))],
+            [("set", token_item("anthropic"))] * WRITE_ATTEMPTS,
+        )
 
 
 class KeyringKeyStoreTests(KeyringCase):

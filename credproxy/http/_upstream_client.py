@@ -385,18 +385,21 @@ class UpstreamConnection(Protocol):
             response = UpstreamResponse(self, version, code, phrase, headers, 0)
             response.end(Failure(ResponseDone()))
             return response, True
-        body_length: int | object = UNKNOWN_LENGTH
         if chunked:
+            response = UpstreamResponse(self, version, code, phrase, headers, UNKNOWN_LENGTH)
             self._framing = _CHUNKED
-            self._decoder = ChunkedDecoder(self._chunked_data, self._chunked_finished)
+            # Each read's data goes from llhttp to the answer in one call.
+            self._decoder = ChunkedDecoder(response.data, self._chunked_finished)
         elif length is not None:
+            response = UpstreamResponse(self, version, code, phrase, headers, length)
             self._framing = _LENGTH
-            self._remaining = body_length = length
+            self._remaining = length
         else:
+            response = UpstreamResponse(self, version, code, phrase, headers, UNKNOWN_LENGTH)
             self._framing = _UNTIL_CLOSE
             self._reusable = False
         self._state = _BODY
-        return UpstreamResponse(self, version, code, phrase, headers, body_length), False
+        return response, False
 
     def _body_read(self, data: bytes) -> None:
         response = self._response
@@ -424,10 +427,6 @@ class UpstreamConnection(Protocol):
             # Not the upstream's doing: the body's consumer raised.
             log.failure("Unexpected error while reading an upstream answer")
             self._fail_body(error)
-
-    def _chunked_data(self, data: bytes) -> None:
-        if self._state == _BODY and self._response is not None:
-            self._response.data(data)
 
     def _chunked_finished(self, rest: bytes) -> None:
         if self._state == _BODY:

@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import Request as ClientRequest
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
@@ -182,6 +183,23 @@ class UpstreamAgentTests(SynchronousTestCase):
         self.send(b"http://upstream.example/v1/messages")
         self.assertEqual(len(self.endpoints.endpoint.transports), 1)
         self.assertEqual(self.wire().count(b"POST /v1/messages HTTP/1.1"), 2)
+
+    def test_cancelling_before_the_head_aborts_the_connection(self) -> None:
+        for pooled in (False, True):
+            agent = UpstreamAgent(self.endpoints, UpstreamPool(Clock()))
+            if pooled:
+                agent.request(b"POST", b"http://upstream.example/", None, None)
+                self.endpoints.endpoint.protocols[-1].dataReceived(
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                )
+            failures: list[Failure] = []
+            d = agent.request(b"POST", b"http://upstream.example/", None, None)
+            d.addErrback(failures.append)
+            d.cancel()
+            transport = self.endpoints.endpoint.transports[-1]
+            self.assertTrue(transport.disconnected, pooled)  # what abortConnection sets
+            (failure,) = failures
+            self.assertTrue(failure.check(ResponseNeverReceived))
 
     def test_a_body_still_being_produced_is_refused(self) -> None:
         class Producing:

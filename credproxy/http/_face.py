@@ -18,11 +18,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import (
-    URI,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-)
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -34,8 +30,8 @@ from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._config import HTTPProxyConfig
 from credproxy.http._resource import ProxyResource
 from credproxy.http._site import ProxySite
-from credproxy.http._upstream import ScreenedConnectionPool
 from credproxy.http._upstream_agent import UpstreamAgent
+from credproxy.http._upstream_client import UpstreamPool
 
 # Agents keep several streams open at once; Twisted's default of 2 persistent
 # connections per host would close every connection beyond two after each answer.
@@ -103,13 +99,14 @@ class UpstreamEndpoints:
         raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
 
 
-def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, HTTPConnectionPool]:
+def _default_agent(reactor: Any, config: HTTPProxyConfig) -> tuple[IAgent, UpstreamPool]:
     """
-    The upstream client: an L{UpstreamAgent} over a pool whose connections
-    screen every response head (L{ScreenedConnectionPool}), verifying TLS,
-    following no redirect, adding no header of its own but I{Host}.
+    The upstream client: an L{UpstreamAgent} over credproxy's own client
+    (L{UpstreamPool}, whose connections screen every response head),
+    verifying TLS, following no redirect, adding no header of its own but
+    I{Host}.
     """
-    pool = ScreenedConnectionPool(reactor, persistent=True)
+    pool = UpstreamPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     endpoints = UpstreamEndpoints(
@@ -134,7 +131,7 @@ def build_proxy_site(
     C{site.close()} when done with it. Without an C{audit_trail}, audit
     records go to twisted.logger.
     """
-    pool: HTTPConnectionPool | None = None
+    pool: UpstreamPool | None = None
     if agent is None:
         agent, pool = _default_agent(reactor, config)
     site = ProxySite(ProxyResource(reactor, config, credentials, agent, audit_trail), reactor)

@@ -5,15 +5,23 @@ own (the audit line replaces it), and a drain for graceful stops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from credproxy.http._channel import FaceGuard, ProxyChannel
 from credproxy.http._request import BoundedRequest
 from credproxy.http._resource import ProxyResource
+
+
+class ClosablePool(Protocol):
+    """
+    What a site needs of the upstream pool it owns: a way to close it.
+    """
+
+    def closeCachedConnections(self) -> Deferred[None]: ...
+
 
 # Idle keep-alive connections are closed after this long; twisted.web pauses
 # the timer while a request is being answered, so streams are not affected.
@@ -36,7 +44,7 @@ class ProxySite(Site):
         super().__init__(resource, reactor=reactor, timeout=CONNECTION_IDLE_TIMEOUT)
         self.proxy = resource
         self.guard = FaceGuard.for_config(resource.config, reactor, resource.refusals)
-        self.pool: HTTPConnectionPool | None = None  # the upstream pool this site owns, if any
+        self.pool: ClosablePool | None = None  # the upstream pool this site owns, if any
 
     def log(self, request: Any) -> None:
         """

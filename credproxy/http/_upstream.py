@@ -1,17 +1,26 @@
 """
-The upstream hop's client side, made strict and bounded: Twisted's HTTP/1.1
-client protocol with the response-head screen in front of its parser, the
-connection pool that builds it, how an exchange tells "the upstream's answer
-was malformed" from "the upstream could not be reached", and the cap on
-upstream requests in flight.
+The upstream hop's client side, made strict and bounded: how an exchange
+tells "the upstream's answer was malformed" from "the upstream could not be
+reached" (L{malformed_kind}, L{UpstreamMalformed}), the cap on upstream
+requests in flight (L{UpstreamSlots}), and Twisted's HTTP/1.1 client
+protocol with the response-head screen in front of its parser and the
+connection pool that builds it (L{ScreenedHTTP11ClientProtocol},
+L{ScreenedConnectionPool}).
 
-This leans on private Twisted API (``twisted.web._newclient``:
-``HTTP11ClientProtocol._parser``, ``_disconnectParser``, ``_finishResponse_WAITING``
-and its stateful ``connectionLost``;
-``twisted.web.client._HTTP11ClientFactory`` and ``HTTPConnectionPool._factory``;
-``twisted.web.http._MalformedChunkedDataError``; ``HTTPClientParser._transferDecoders``,
-the table its parser picks a body decoder from). tests/http/test_upstream_screen.py
-pins each, so a Twisted upgrade that moves one fails there first.
+The face's own client is no longer Twisted's: it is
+L{credproxy.http._upstream_client}, which is leaner per request. The
+screened Twisted protocol and pool stay for whoever injects a Twisted
+C{Agent} and wants it screened (tests/integration/test_upstream_hostile.py
+does, for its fuzzer and its TLS case); they can go once nothing does.
+
+The screened Twisted protocol leans on private Twisted API
+(``twisted.web._newclient``: ``HTTP11ClientProtocol._parser``,
+``_disconnectParser``, ``_finishResponse_WAITING`` and its stateful
+``connectionLost``; ``twisted.web.client._HTTP11ClientFactory`` and
+``HTTPConnectionPool._factory``; ``twisted.web.http._MalformedChunkedDataError``;
+``HTTPClientParser._transferDecoders``, the table its parser picks a body
+decoder from). tests/http/test_upstream_screen.py pins each, so a Twisted
+upgrade that moves one fails there first.
 """
 
 from __future__ import annotations

@@ -1,38 +1,35 @@
 """
-The upstream hop's C{IAgent}: Twisted's HTTP/1.1 client protocol and
-connection pool, without C{Agent}'s work per request.
+The upstream hop's C{IAgent}, over credproxy's own HTTP/1.1 client
+(L{credproxy.http._upstream_client}).
 
 Twisted's C{Agent} parses and validates the whole URL, looks up an
 endpoint, computes the I{Host} value and copies the headers for every
 request. The face sends every request to one origin (the configured
 upstream), so that work is done once per origin here, and each request
-only splits its URL at the path and checks the path's bytes. What reaches
-the wire is the same: the same protocol (L{ScreenedHTTP11ClientProtocol}
-through the pool), the same request object, no redirect followed, no header
-added but I{Host}.
+only splits its URL at the path and checks the path's bytes. The request
+is written as the bytes Twisted's own request writes (tests pin that),
+head and in-memory body in one write with I{Host} last: no redirect is
+followed, nothing retried, no header added but I{Host}.
 
-This leans on one private Twisted name, C{twisted.web._newclient.Request._construct}
-(what C{Agent} itself uses); tests/http/test_upstream_agent.py pins it, and
-checks that a L{HeldBodyRequest} writes the bytes Twisted's own request does.
+It relies on no private Twisted name.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web._newclient import Request as ClientRequest
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from credproxy.http._body import BodyProducer
 from credproxy.http._grammar import REQUEST_TARGET, TOKEN
+from credproxy.http._upstream_client import UpstreamConnection, UpstreamPool
 
 # Origins kept parsed: the face uses one; the bound keeps a caller that
 # names many from growing the map.
@@ -62,50 +59,53 @@ def _host_value(uri: URI) -> bytes:
     return b"%b:%d" % (host, uri.port)
 
 
-class HeldBodyRequest(ClientRequest):
+def request_bytes(
+    method: bytes,
+    path: bytes,
+    headers: Headers,
+    host: bytes | None,
+    body: BodyProducer | None,
+    persistent: bool,
+) -> bytes:
     """
-    A request whose body is already in memory (a L{BodyProducer}): written
-    with its head in one write, the bytes Twisted writes for any request
-    with a Content-Length, without the producer and consumer machinery (a
-    length enforcer, a producer registered on the connection, three
-    Deferreds) that a body still being produced needs.
-
-    C{host}, when given, is the I{Host} value the caller's headers lack: it
-    is written last, where Twisted's C{Agent} would have added it to a copy
-    of them, so the headers are neither copied nor changed.
+    One request as Twisted's client writes it (the request line,
+    C{Connection: close} when not persistent, the body's Content-Length,
+    the headers), with C{host}, the I{Host} value the caller's headers
+    lack, last, where Twisted's C{Agent} would have added it to a copy of
+    them; then the body, in the same bytes.
     """
-
-    host: bytes | None = None
-
-    def writeTo(self, transport: Any) -> Deferred[None]:
-        producer: BodyProducer = self.bodyProducer
-        lines = [b"%b %b HTTP/1.1\r\n" % (self.method, self.uri)]
-        if not self.persistent:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"Content-Length: %d\r\n" % (producer.length,))
-        for name, values in self.headers.getAllRawHeaders():
-            for value in values:
-                lines.append(b"%b: %b\r\n" % (name, value))
-        if self.host is not None:
-            lines.append(b"Host: %b\r\n" % (self.host,))
-        lines.append(b"\r\n")
-        lines += producer.chunks
-        transport.writeSequence(lines)
-        return succeed(None)
+    lines = [b"%b %b HTTP/1.1\r\n" % (method, path)]
+    if not persistent:
+        lines.append(b"Connection: close\r\n")
+    if body is not None:
+        lines.append(b"Content-Length: %d\r\n" % (body.length,))
+    elif method in (b"PUT", b"POST"):
+        lines.append(b"Content-Length: 0\r\n")
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            lines.append(b"%b: %b\r\n" % (name, value))
+    if host is not None:
+        lines.append(b"Host: %b\r\n" % (host,))
+    lines.append(b"\r\n")
+    if body is not None:
+        lines += body.chunks
+    return b"".join(lines)
 
 
 @implementer(IAgent)
 class UpstreamAgent:
     """
-    Sends requests through a connection pool to endpoints from an endpoint
-    factory (the face's L{credproxy.http._face.UpstreamEndpoints}).
+    Sends requests through an L{UpstreamPool} to endpoints from an
+    endpoint factory (the face's L{credproxy.http._face.UpstreamEndpoints}).
 
     Nothing is followed or retried: a redirect is an answer like any other,
-    and a request is sent once (the pool's connections do not retry a
-    C{POST}).
+    and a request is sent once, on a pooled connection if one is idle (a
+    dead one fails it with C{ResponseNeverReceived}), else on a new one.
+    Bodies are in memory (L{BodyProducer}) or absent: a body still being
+    produced is refused, since nothing in credproxy sends one.
     """
 
-    def __init__(self, endpoints: IAgentEndpointFactory, pool: HTTPConnectionPool) -> None:
+    def __init__(self, endpoints: IAgentEndpointFactory, pool: UpstreamPool) -> None:
         self._endpoints = endpoints
         self._pool = pool
         self._origins: dict[bytes, _Origin] = {}
@@ -121,37 +121,32 @@ class UpstreamAgent:
             origin, path = self._split(uri)
             if TOKEN.fullmatch(method) is None:
                 raise ValueError("the method is not an HTTP token")
-        except Exception as error:  # a bad URL or method: the request's failure
+            if bodyProducer is not None and not isinstance(bodyProducer, BodyProducer):
+                raise ValueError("the upstream agent sends bodies held in memory only")
+        except Exception as error:  # a bad URL, method or body: the request's failure
             return fail(error)
         if headers is None:
             headers = Headers()
-        held = isinstance(bodyProducer, BodyProducer)
-        host = None if headers.hasHeader(b"host") else origin.host
-        if host is not None and not held:
-            headers = headers.copy()
-            headers.addRawHeader(b"host", host)
-        d = self._pool.getConnection(origin.key, origin.endpoint)
-        persistent = self._pool.persistent
+        pool = self._pool
+        persistent = pool.persistent
+        data = request_bytes(
+            method,
+            path,
+            headers,
+            None if headers.hasHeader(b"host") else origin.host,
+            bodyProducer,
+            persistent,
+        )
+        no_body = method == b"HEAD"
+        connection = pool.take(origin.key)
+        if connection is not None:
+            return connection.send(data, no_body=no_body, persistent=persistent)
 
-        def connected(protocol: HTTP11ClientProtocol) -> Deferred[IResponse]:
-            if not held:
-                return protocol.request(
-                    ClientRequest._construct(
-                        method,
-                        path,
-                        headers,
-                        bodyProducer,
-                        persistent=persistent,
-                        parsedURI=origin.uri,
-                    )
-                )
-            request: HeldBodyRequest = HeldBodyRequest._construct(
-                method, path, headers, bodyProducer, persistent=persistent, parsedURI=origin.uri
-            )
-            request.host = host
-            return protocol.request(request)
+        def connected(connection: UpstreamConnection) -> Deferred[IResponse]:
+            return connection.send(data, no_body=no_body, persistent=persistent)
 
-        return d.addCallback(connected)
+        connecting: Deferred[UpstreamConnection] = pool.connect(origin.key, origin.endpoint)
+        return connecting.addCallback(connected)
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
         """

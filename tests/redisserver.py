@@ -24,6 +24,7 @@ REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,8 +17,8 @@ screened client protocol turns into a malformed answer. llhttp holds no
 buffer but a trailer line it is reading; that, like any run of bytes that
 carries no data, is bounded by L{MAX_BYTES_WITHOUT_DATA}.
 
-It has the interface of Twisted's decoder, which it replaces in the upstream
-client's parser (L{credproxy.http._upstream.ScreenedHTTP11ClientProtocol}).
+It has the interface of Twisted's decoder; the upstream client
+(L{credproxy.http._upstream_client}) reads chunked answers with it.
 """
 
 from __future__ import annotations

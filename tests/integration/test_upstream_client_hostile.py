@@ -1,10 +1,9 @@
 """
-credproxy's own upstream client (L{credproxy.http._upstream_client}) where
-the hostile-upstream module drives Twisted's client with an injected
-agent: the fuzzer of status lines, heads and chunked framing, the screen
+Hostile upstreams against the face's own upstream client
+(L{credproxy.http._upstream_client}) where the case needs an agent of the
+test's: the fuzzer of status lines, heads and chunked framing (its answers
+and checks are in tests/integration/test_upstream_hostile.py), the screen
 over TLS with a trust root of the test's, and verification of the name.
-The named cases of tests/integration/test_upstream_hostile.py already run
-on this client (it is the face's default).
 """
 
 from __future__ import annotations
@@ -73,9 +72,7 @@ async def our_fuzz_world(
         stream_idle_timeout=3.0,
     )
     try:
-        # FuzzWorld names Twisted's pool as its type; only its upstream
-        # and proxy are used by the example.
-        yield FuzzWorld(raw_upstream, proxy, pool)  # type: ignore[arg-type]
+        yield FuzzWorld(raw_upstream, proxy, pool)
     finally:
         await pool.closeCachedConnections()
 

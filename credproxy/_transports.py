@@ -37,6 +37,7 @@ from typing import Any
 from twisted.internet import tcp, unix
 from twisted.internet.abstract import _dataMustBeBytes
 from twisted.internet.interfaces import IConnector, IListeningPort
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory
 from zope.interface import directlyProvides, providedBy
 
@@ -122,22 +123,22 @@ class LeanTCPClient(LazyPauseMixin, SendAtOnceMixin, tcp.Client):
     """An outgoing TCP connection that sends at once and pauses lazily."""
 
 
-class LeanUNIXServer(LazyPauseMixin, SendAtOnceMixin, unix.Server):
+class _UNIXSendAtOnceMixin(SendAtOnceMixin):
     """
-    An accepted Unix connection that sends at once (unless file descriptors
-    are queued to go with the bytes: then it queues, as Twisted does) and
-    pauses lazily.
+    Sends at once unless file descriptors are queued to go with the bytes:
+    then it queues, as Twisted does.
     """
 
     def _may_send_now(self, data: bytes) -> bool:
-        return not self._sendmsgQueue and super()._may_send_now(data)
+        return not self._sendmsgQueue and super()._may_send_now(data)  # type: ignore[attr-defined]
 
 
-class LeanUNIXClient(LazyPauseMixin, SendAtOnceMixin, unix.Client):
+class LeanUNIXServer(LazyPauseMixin, _UNIXSendAtOnceMixin, unix.Server):
+    """An accepted Unix connection that sends at once and pauses lazily."""
+
+
+class LeanUNIXClient(LazyPauseMixin, _UNIXSendAtOnceMixin, unix.Client):
     """An outgoing Unix connection that sends at once and pauses lazily."""
-
-    def _may_send_now(self, data: bytes) -> bool:
-        return not self._sendmsgQueue and super()._may_send_now(data)
 
 
 class LeanTCPPort(tcp.Port):
@@ -222,8 +223,6 @@ def lean_reactor(reactor: Any) -> Any:
     test's C{MemoryReactor}, another event loop): connections then behave
     exactly as that reactor's do.
     """
-    from twisted.internet.posixbase import PosixReactorBase
-
     if isinstance(reactor, LeanReactor) or not isinstance(reactor, PosixReactorBase):
         return reactor
     return LeanReactor(reactor)

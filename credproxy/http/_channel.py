@@ -169,27 +169,24 @@ class ProxyChannel(HTTPChannel):
         self._held_head = b"".join(lines)
 
     def write(self, data: bytes) -> None:
-        head = self._held_head
-        if head is not None:
-            self._held_head = None
-            data = head + data
-        self.transport.write(data)  # type: ignore[union-attr]
+        head = self._take_head()
+        self.transport.write(head + data if head is not None else data)  # type: ignore[union-attr]
 
     def writeSequence(self, iovec: Sequence[bytes]) -> None:
-        head = self._held_head
-        if head is not None:
-            self._held_head = None
-            iovec = [head, *iovec]
-        self.transport.writeSequence(iovec)  # type: ignore[union-attr]
+        head = self._take_head()
+        self.transport.writeSequence([head, *iovec] if head is not None else iovec)  # type: ignore[union-attr]
 
     def flush_head(self) -> None:
         """
         Send a held head now: the request's write that made it is over.
         """
-        head = self._held_head
+        head = self._take_head()
         if head is not None:
-            self._held_head = None
             self.transport.write(head)  # type: ignore[union-attr]
+
+    def _take_head(self) -> bytes | None:
+        head, self._held_head = self._held_head, None
+        return head
 
     # -- the connection ---------------------------------------------------------
 

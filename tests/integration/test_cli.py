@@ -492,7 +492,12 @@ async def test_ctrl_c_during_a_login_calls_it_off_with_status_130(socket_dir: st
             read_until, login.stdout.fileno(), lambda line: line.startswith(server.base_url), seen
         )
         login.send_signal(signal.SIGINT)
-        out, err = await deferToThread(login.communicate, None, WAIT)
+        # Wait with standard input still open: communicate() would close it,
+        # and an end of input that reaches the login before the signal does
+        # ends it as "input closed" (status 1), a different, correct ending.
+        await deferToThread(login.wait, WAIT)
+        assert login.stderr is not None
+        out, err = login.stdout.read(), login.stderr.read()
         assert login.returncode == 130
         assert "Login cancelled." in bytes(seen).decode() + out.decode()
         assert err.decode().splitlines()[-1] == "credproxy: interrupted"

@@ -152,7 +152,11 @@ class Broker(Service):
 
         async def merge_and_store() -> Token | None:
             return await merge_into_store(
-                self.tokens, provider, entry[1], lambda stored: merge_saved(stored, incoming)
+                self.tokens,
+                provider,
+                entry[1],
+                lambda stored: merge_saved(stored, incoming),
+                clock=self.reactor,
             )
 
         merged = await self.locks.run(entry, merge_and_store)

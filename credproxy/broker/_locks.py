@@ -4,10 +4,13 @@ Per-entry serialization of the broker's read-merge-write cycles.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from twisted.internet.defer import DeferredLock
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 
 from credproxy.stores._interfaces import ICompareAndSetTokenStore, IHostTokenStore, StoreError
 from credproxy.stores._token import Token
@@ -18,6 +21,22 @@ T = TypeVar("T")
 # the broker gives up: each loss means another host saved the entry in the
 # moment between our read and our save, so a few are already unlikely.
 MAX_MERGE_ATTEMPTS = 8
+
+# After a lost race the save waits a random time of up to
+# MERGE_BACKOFF_FIRST seconds before it reads again, the bound doubling with
+# each further loss up to MERGE_BACKOFF_MAX: hosts that collided spread out
+# instead of colliding again in lockstep (without it, three hosts saving at
+# once could make one of them lose eight times in a row). All the waits of
+# one save together stay under 0.6 s.
+MERGE_BACKOFF_FIRST = 0.005
+MERGE_BACKOFF_MAX = 0.2
+
+
+def merge_backoff_bound(losses: int) -> float:
+    """
+    The longest wait, in seconds, after the save's C{losses}-th lost race.
+    """
+    return min(MERGE_BACKOFF_MAX, MERGE_BACKOFF_FIRST * 2 ** (losses - 1))
 
 
 class EntryLocks:
@@ -51,7 +70,9 @@ async def merge_into_store(
     bucket: str,
     merge: Callable[[Token | None], Token | None],
     *,
+    clock: IReactorTime,
     fresh: bool = False,
+    uniform: Callable[[float, float], float] = random.uniform,
 ) -> Token | None:
     """
     Read the entry, C{merge} it (None: store nothing) and save the result:
@@ -59,7 +80,9 @@ async def merge_into_store(
 
     On a store several hosts write (L{ICompareAndSetTokenStore}), the read
     is of Redis itself and the save succeeds only if nobody saved since; a
-    lost race reads and merges again, up to L{MAX_MERGE_ATTEMPTS} times. On
+    lost race waits a random moment on C{clock} (see L{merge_backoff_bound};
+    C{uniform(0, bound)} picks it) and reads and merges again, up to
+    L{MAX_MERGE_ATTEMPTS} times. On
     other stores the entry lock alone serializes it; C{fresh} first forgets
     any cached read, since another process may have written.
 
@@ -73,7 +96,9 @@ async def merge_into_store(
             await store.save_token(provider, merged, bucket)
         return merged
     shared = ICompareAndSetTokenStore(store)
-    for _ in range(MAX_MERGE_ATTEMPTS):
+    for attempt in range(MAX_MERGE_ATTEMPTS):
+        if attempt:
+            await deferLater(clock, uniform(0.0, merge_backoff_bound(attempt)))
         current, version = await shared.read_token_version(provider, bucket)
         merged = merge(current)
         if merged is None:

@@ -496,7 +496,9 @@ class RefreshCoordinator:
             return None if current is None else merge_refreshed(current, new)
 
         async def merge_and_store() -> Token | None:
-            return await merge_into_store(self.store, provider_name, bucket, merge, fresh=True)
+            return await merge_into_store(
+                self.store, provider_name, bucket, merge, clock=self._reactor, fresh=True
+            )
 
         merged = await self.entry_locks.run(entry, merge_and_store)
         if merged is None:

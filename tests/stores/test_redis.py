@@ -31,7 +31,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from credproxy._secret import Secret
 from credproxy.broker import RedisRefreshLock
-from credproxy.broker._locks import MAX_MERGE_ATTEMPTS, merge_into_store
+from credproxy.broker._locks import (
+    MAX_MERGE_ATTEMPTS,
+    MERGE_BACKOFF_FIRST,
+    MERGE_BACKOFF_MAX,
+    merge_backoff_bound,
+    merge_into_store,
+)
 from credproxy.cli import Console, new_token
 from credproxy.stores import (
     BlockingCalls,
@@ -317,9 +323,13 @@ class CompareAndSetTests(RedisCase):
             assert current is not None
             return Token({**current, "scope_a": "from-a"})
 
-        merged = self.successResultOf(
-            Deferred.fromCoroutine(merge_into_store(host_a, "anthropic", "default", merge_a))
+        merging = Deferred.fromCoroutine(
+            merge_into_store(host_a, "anthropic", "default", merge_a, clock=self.clock)
         )
+        self.assertNoResult(merging)  # the lost race waits a moment before it reads again
+        self.assertEqual(len(merges), 1)
+        self.clock.advance(merge_backoff_bound(1))
+        merged = self.successResultOf(merging)
         self.assertEqual(len(merges), 2)
         host_b.invalidate("anthropic")
         stored = self.successResultOf(host_b.get_token("anthropic"))
@@ -339,12 +349,32 @@ class CompareAndSetTests(RedisCase):
             self.successResultOf(host_b.save_token("anthropic", token(f"b{merges}")))
             return token("a")
 
-        error = self.failureResultOf(
-            Deferred.fromCoroutine(merge_into_store(host_a, "anthropic", "default", merge_a)),
-            StoreError,
-        ).value
+        bounds: list[float] = []
+
+        def longest(low: float, high: float) -> float:
+            bounds.append(high)
+            return high
+
+        merging = Deferred.fromCoroutine(
+            merge_into_store(
+                host_a, "anthropic", "default", merge_a, clock=self.clock, uniform=longest
+            )
+        )
+        waited = 0.0
+        while not merging.called and waited < 10:
+            self.clock.advance(MERGE_BACKOFF_MAX)
+            waited += MERGE_BACKOFF_MAX
+        error = self.failureResultOf(merging, StoreError).value
         self.assertEqual(merges, MAX_MERGE_ATTEMPTS)
         self.assertIn("changed under", str(error))
+        # One wait after each lost race but the last, each bound double the
+        # one before, up to the cap; together under the documented 0.6 s.
+        self.assertEqual(bounds, [merge_backoff_bound(n) for n in range(1, MAX_MERGE_ATTEMPTS)])
+        self.assertEqual(
+            bounds[:3], [MERGE_BACKOFF_FIRST, 2 * MERGE_BACKOFF_FIRST, 4 * MERGE_BACKOFF_FIRST]
+        )
+        self.assertEqual(max(bounds), MERGE_BACKOFF_MAX)
+        self.assertLess(sum(bounds), 0.6)
 
 
 class BoundsTests(RedisCase):

@@ -36,7 +36,7 @@ def merge_backoff_bound(losses: int) -> float:
     """
     The longest wait, in seconds, after the save's C{losses}-th lost race.
     """
-    return min(MERGE_BACKOFF_MAX, MERGE_BACKOFF_FIRST * 2 ** (losses - 1))
+    return min(MERGE_BACKOFF_MAX, MERGE_BACKOFF_FIRST * 2.0 ** (losses - 1))
 
 
 class EntryLocks:

@@ -51,6 +51,7 @@ from credproxy._limits import (
 )
 from credproxy._relay import RelayFactory
 from credproxy._sandbox_control import CONTROL_FD, InitControl
+from credproxy._transports import lean_reactor
 
 log = Logger(namespace="credproxy.sandbox")
 
@@ -115,8 +116,11 @@ class SandboxInit:
             return
 
     async def run(self, control: InitControl | None) -> int:
-        relay = RelayFactory(self._reactor, self._http_socket, self._limits)
-        port = self._reactor.listenTCP(0, relay, interface=RELAY_INTERFACE)
+        # The relay's connections are the lean ones the faces use (they send
+        # at once when nothing is queued, and pause reading lazily).
+        reactor = lean_reactor(self._reactor)
+        relay = RelayFactory(reactor, self._http_socket, self._limits)
+        port = reactor.listenTCP(0, relay, interface=RELAY_INTERFACE)
         try:
             return await self._run_command(port.getHost().port, control)
         finally:

@@ -55,7 +55,13 @@ def test_the_check_sees_an_offence(tmp_path: Path) -> None:
 
 # What runs inside the sandbox of credproxy run --sandbox: it must not carry
 # the host's side in with it (the broker, the stores, the service, the run).
-SANDBOX_SIDE = ("_sandbox_init.py", "_relay.py", "_sandbox_control.py", "_command.py")
+SANDBOX_SIDE = (
+    "_sandbox_init.py",
+    "_relay.py",
+    "_sandbox_control.py",
+    "_command.py",
+    "_transports.py",
+)
 SANDBOX_SIDE_FORBIDDEN = (
     "broker",
     "stores",

@@ -15,10 +15,11 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from credproxy import _process
@@ -48,6 +49,8 @@ from credproxy.stores import (
 )
 from credproxy.stores._redis_connection import DEFAULT_PREFIX as DEFAULT_REDIS_PREFIX
 from credproxy.wire._spec import MAX_PENDING_HANDSHAKES
+
+_T = TypeVar("_T")
 
 _DEFAULTS = HTTPProxyConfig()
 
@@ -453,6 +456,15 @@ class _CommandLineService(CredproxyService):
     twistd leaves it at the default action, which would end the process on
     the spot with its socket files left behind.
 
+    SIGINT and SIGTERM stop it from the start of C{startService} on. twistd
+    starts the service before the reactor runs, and the reactor installs its
+    own handlers only then: a Ctrl-C in between raised KeyboardInterrupt
+    wherever the start happened to be, where Twisted's startup code caught
+    and logged it, and the process went on running, deaf to it. From here
+    on the reactor's own handling (its log line, its stop, twistd's exit
+    status) is asked for at once; the reactor keeps ours for SIGINT and
+    replaces ours for SIGTERM with its equal.
+
     C{twistd}, twistd's own options when twistd runs it, brings that line
     to the terminal from a daemon too (L{_process.TwistdStart}).
     """
@@ -467,11 +479,14 @@ class _CommandLineService(CredproxyService):
     ) -> None:
         super().__init__(reactor, config, **kwargs)
         self._reactor = reactor
-        self._previous_hup: Any = None
+        self._previous_handlers: dict[int, Any] = {}
         # Last, so that a service that cannot be built leaves nothing running.
         self._twistd = _process.TwistdStart(twistd) if twistd is not None else None
 
     def startService(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._handle(signal.SIGINT, self._interrupted)
+            self._handle(signal.SIGTERM, self._terminated)
         twistd = self._twistd
         if twistd is not None:
             twistd.starting()
@@ -485,27 +500,55 @@ class _CommandLineService(CredproxyService):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(listener.bound_path)
             line = f"credproxy: {e}"
+            self._restore_handlers(None)
             if twistd is not None:
                 twistd.failed(line)
             raise SystemExit(line) from None
         except BaseException:
+            self._restore_handlers(None)
             if twistd is not None:
                 twistd.twistd_reports()
             raise
         if twistd is not None:
             twistd.started()
         if threading.current_thread() is threading.main_thread():
-            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+            self._handle(signal.SIGHUP, self._hangup)
+
+    def _handle(self, signum: int, handler: Callable[[int, Any], None]) -> None:
+        previous = signal.signal(signum, handler)
+        self._previous_handlers.setdefault(signum, previous)
 
     def _hangup(self, signum: int, frame: object) -> None:
         reactor = self._reactor
         reactor.callFromThread(lambda: reactor.stop() if reactor.running else None)
 
-    def stopService(self) -> Any:
-        if self._previous_hup is not None:
-            signal.signal(signal.SIGHUP, self._previous_hup)
-            self._previous_hup = None
-        return super().stopService()
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        self._reactor_handles(signum, frame, "sigInt")
+
+    def _terminated(self, signum: int, frame: Any) -> None:
+        self._reactor_handles(signum, frame, "sigTerm")
+
+    def _reactor_handles(self, signum: int, frame: Any, name: str) -> None:
+        handler = getattr(self._reactor, name, None)  # ReactorBase's; another reactor may lack it
+        if handler is not None:
+            handler(signum, frame)
+        else:
+            self._hangup(signum, frame)
+
+    def stopService(self) -> Deferred[None]:
+        # The handlers stay until the stop is done: a second signal during
+        # the grace period must not meet Python's default (a traceback, or
+        # for SIGHUP the end of the process with its sockets left behind).
+        return maybeDeferred(super().stopService).addBoth(self._restore_handlers)
+
+    def _restore_handlers(self, result: _T) -> _T:
+        ours = (self._hangup, self._interrupted, self._terminated)
+        for signum, previous in self._previous_handlers.items():
+            # A handler the reactor put in place of ours since is the reactor's to keep.
+            if signal.getsignal(signum) in ours:
+                signal.signal(signum, previous)
+        self._previous_handlers.clear()
+        return result
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -27,6 +30,7 @@ from twisted.scripts._twistd_unix import ServerOptions  # what twistd parses wit
 
 from credproxy import _process
 from credproxy.broker.credentials import EnvironmentCredentialSource
+from credproxy.cli import STOP_SIGNALS
 from credproxy.tap import Options, makeService
 from tests.logcapture import captured_log
 
@@ -245,6 +249,99 @@ def test_a_failed_start_under_twistd_removes_its_own_pidfile(
     assert str(stopped.value) == f"credproxy: another process is serving {live_socket}"
     assert untouched_process == ["harden", "flag"]  # the flag again, after twistd's --uid
     assert os.path.exists(pidfile) is kept
+
+
+Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.getsignal answers
+
+
+class SignalRecordingReactor(MemoryReactorClock):
+    """
+    A memory reactor with the stop-signal methods of Twisted's own reactors,
+    recording each signal they are given.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signals: list[tuple[str, int]] = []
+        self.from_threads: list[Callable[[], object]] = []
+
+    def sigInt(self, number: int, frame: object = None) -> None:
+        self.signals.append(("sigInt", number))
+
+    def sigTerm(self, number: int, frame: object = None) -> None:
+        self.signals.append(("sigTerm", number))
+
+    def callFromThread(self, f: Callable[..., object], *args: object) -> None:
+        self.from_threads.append(lambda: f(*args))
+
+
+@pytest.fixture
+def stop_handlers() -> Iterator[dict[int, Handler]]:
+    """
+    The SIGINT, SIGTERM and SIGHUP handlers before the test, put back after it.
+    """
+    before: dict[int, Handler] = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        yield before
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def test_a_stop_signal_before_the_reactor_runs_is_not_lost(
+    socket_dir: str, untouched_process: list[str], stop_handlers: dict[int, Handler]
+) -> None:
+    """
+    twistd starts the service before the reactor runs and installs its
+    handlers: a Ctrl-C in between must still stop it, by way of the
+    reactor's own handling, not raise KeyboardInterrupt into the start.
+    """
+    reactor = SignalRecordingReactor()
+    options = twistd_options(
+        "-n", "--pidfile=", "credproxy", "--store", "memory", "--http", f"unix:{socket_dir}/h.sock"
+    )
+    service = makeService(options, reactor=reactor)
+    service.startService()
+    signal.raise_signal(signal.SIGINT)  # a real signal: no KeyboardInterrupt
+    signal.raise_signal(signal.SIGTERM)
+    assert reactor.signals == [("sigInt", signal.SIGINT), ("sigTerm", signal.SIGTERM)]
+    signal.raise_signal(signal.SIGHUP)
+    assert reactor.signals == [("sigInt", signal.SIGINT), ("sigTerm", signal.SIGTERM)]
+    (stop,) = reactor.from_threads  # SIGHUP: a stop, once the reactor runs
+    reactor.running = True
+    stop()
+    assert reactor.hasStopped
+
+    # A handler the reactor installed in the meantime is the reactor's to keep.
+    def reactors(signum: int, frame: object) -> None: ...
+
+    signal.signal(signal.SIGTERM, reactors)
+    stopped = service.stopService()
+    assert stopped.called
+    assert signal.getsignal(signal.SIGINT) == stop_handlers[signal.SIGINT]
+    assert signal.getsignal(signal.SIGHUP) == stop_handlers[signal.SIGHUP]
+    assert signal.getsignal(signal.SIGTERM) is reactors
+
+
+def test_a_failed_start_puts_the_stop_handlers_back(
+    socket_dir: str,
+    live_socket: str,
+    untouched_process: list[str],
+    stop_handlers: dict[int, Handler],
+) -> None:
+    options = twistd_options(
+        "-n",
+        "--pidfile=",
+        "credproxy",
+        "--store",
+        "memory",
+        "--http",
+        f"unix:address={live_socket}",
+    )
+    service = makeService(options, reactor=SignalRecordingReactor())
+    with pytest.raises(SystemExit):
+        service.startService()
+    assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == stop_handlers
 
 
 def relay_run(child: str, first: str = "time.sleep(20)") -> tuple[int, str, float]:

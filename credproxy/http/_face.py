@@ -17,7 +17,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IStreamClientEndpoint
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
@@ -28,6 +28,7 @@ from credproxy._listen import ListeningService, is_unix_description
 from credproxy._transports import lean_reactor
 from credproxy.broker.credentials import ICredentialSource
 from credproxy.http._config import HTTPProxyConfig
+from credproxy.http._resolver import ResolvingReactor, SharedLookups
 from credproxy.http._resource import ProxyResource
 from credproxy.http._site import ProxySite
 from credproxy.http._upstream_agent import UpstreamAgent
@@ -64,6 +65,11 @@ class UpstreamEndpoints:
     def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float) -> None:
         # Its connections are lean (credproxy._transports).
         self._reactor = lean_reactor(reactor)
+        # A hostname's lookups are shared (credproxy.http._resolver).
+        self._resolving_reactor = self._reactor
+        if IReactorPluggableNameResolver.providedBy(reactor):
+            lookups = SharedLookups(reactor.nameResolver, self._reactor)
+            self._resolving_reactor = ResolvingReactor(self._reactor, lookups)
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
@@ -91,7 +97,9 @@ class UpstreamEndpoints:
         elif isIPv6Address(host):
             tcp = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
         else:
-            tcp = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._connect_timeout)
+            tcp = HostnameEndpoint(
+                self._resolving_reactor, host, uri.port, timeout=self._connect_timeout
+            )
         if uri.scheme == b"http":
             return tcp
         if uri.scheme == b"https":

@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--lookup-ms", type=float, nargs="+", default=[0.0, 20.0])
     args = parser.parse_args()
     rows: list[tuple[str, float, int, float, float]] = []
-    problem = raise_open_file_limit(args.connections * 2 + 64)  # both ends of each, and room
+    problem = raise_open_file_limit(args.connections * 3 + 256)  # both ends of each, and room
     if problem is not None:
         raise SystemExit(f"bench_upstream_connects: {problem}")
 

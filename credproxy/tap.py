@@ -456,9 +456,10 @@ class _CommandLineService(CredproxyService):
     twistd leaves it at the default action, which would end the process on
     the spot with its socket files left behind.
 
-    SIGINT and SIGTERM stop it from the start of C{startService} on. twistd
-    starts the service before the reactor runs, and the reactor installs its
-    own handlers only then: a Ctrl-C in between raised KeyboardInterrupt
+    Under twistd, SIGINT and SIGTERM stop it from the start of
+    C{startService} on. twistd starts the service before the reactor runs,
+    and the reactor installs its own handlers only then: a Ctrl-C in
+    between raised KeyboardInterrupt
     wherever the start happened to be, where Twisted's startup code caught
     and logged it, and the process went on running, deaf to it. From here
     on the reactor's own handling (its log line, its stop, twistd's exit
@@ -484,10 +485,11 @@ class _CommandLineService(CredproxyService):
         self._twistd = _process.TwistdStart(twistd) if twistd is not None else None
 
     def startService(self) -> None:
-        if threading.current_thread() is threading.main_thread():
+        twistd = self._twistd
+        if twistd is not None and threading.current_thread() is threading.main_thread():
+            # credproxy serve has its own handlers in place before it runs the reactor.
             self._handle(signal.SIGINT, self._interrupted)
             self._handle(signal.SIGTERM, self._terminated)
-        twistd = self._twistd
         if twistd is not None:
             twistd.starting()
         try:

@@ -323,6 +323,26 @@ def test_a_stop_signal_before_the_reactor_runs_is_not_lost(
     assert signal.getsignal(signal.SIGTERM) is reactors
 
 
+def test_not_under_twistd_the_stop_signals_are_left_to_the_caller(
+    socket_dir: str, untouched_process: list[str], stop_handlers: dict[int, Handler]
+) -> None:
+    """
+    credproxy serve installs its own handlers before it runs the reactor,
+    so startService leaves SIGINT and SIGTERM alone (SIGHUP it still takes).
+    """
+    options = Options()
+    options.parseOptions(["--store", "memory", "--http", f"unix:{socket_dir}/h.sock"])
+    service = makeService(options, reactor=SignalRecordingReactor())
+    service.startService()
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            assert signal.getsignal(signum) == stop_handlers[signum]
+        assert signal.getsignal(signal.SIGHUP) != stop_handlers[signal.SIGHUP]
+    finally:
+        service.stopService()
+    assert signal.getsignal(signal.SIGHUP) == stop_handlers[signal.SIGHUP]
+
+
 def test_a_failed_start_puts_the_stop_handlers_back(
     socket_dir: str,
     live_socket: str,

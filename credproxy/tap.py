@@ -459,12 +459,11 @@ class _CommandLineService(CredproxyService):
     Under twistd, SIGINT and SIGTERM stop it from the start of
     C{startService} on. twistd starts the service before the reactor runs,
     and the reactor installs its own handlers only then: a Ctrl-C in
-    between raised KeyboardInterrupt
-    wherever the start happened to be, where Twisted's startup code caught
-    and logged it, and the process went on running, deaf to it. From here
-    on the reactor's own handling (its log line, its stop, twistd's exit
-    status) is asked for at once; the reactor keeps ours for SIGINT and
-    replaces ours for SIGTERM with its equal.
+    between raised KeyboardInterrupt wherever the start happened to be,
+    where Twisted's startup code caught and logged it, and the process went
+    on running, deaf to it. From here on the reactor's own handling (its log
+    line, its stop, twistd's exit status) is asked for at once; the reactor
+    keeps ours for SIGINT and replaces ours for SIGTERM with its equal.
 
     C{twistd}, twistd's own options when twistd runs it, brings that line
     to the terminal from a daemon too (L{_process.TwistdStart}).
@@ -486,11 +485,11 @@ class _CommandLineService(CredproxyService):
 
     def startService(self) -> None:
         twistd = self._twistd
-        if twistd is not None and threading.current_thread() is threading.main_thread():
-            # credproxy serve has its own handlers in place before it runs the reactor.
-            self._handle(signal.SIGINT, self._interrupted)
-            self._handle(signal.SIGTERM, self._terminated)
         if twistd is not None:
+            if threading.current_thread() is threading.main_thread():
+                # credproxy serve has its own handlers in place before it runs the reactor.
+                self._handle(signal.SIGINT, self._stop_signal)
+                self._handle(signal.SIGTERM, self._stop_signal)
             twistd.starting()
         try:
             super().startService()
@@ -524,14 +523,10 @@ class _CommandLineService(CredproxyService):
         reactor = self._reactor
         reactor.callFromThread(lambda: reactor.stop() if reactor.running else None)
 
-    def _interrupted(self, signum: int, frame: Any) -> None:
-        self._reactor_handles(signum, frame, "sigInt")
-
-    def _terminated(self, signum: int, frame: Any) -> None:
-        self._reactor_handles(signum, frame, "sigTerm")
-
-    def _reactor_handles(self, signum: int, frame: Any, name: str) -> None:
-        handler = getattr(self._reactor, name, None)  # ReactorBase's; another reactor may lack it
+    def _stop_signal(self, signum: int, frame: Any) -> None:
+        # ReactorBase's sigInt or sigTerm; another reactor may lack them.
+        name = "sigInt" if signum == signal.SIGINT else "sigTerm"
+        handler = getattr(self._reactor, name, None)
         if handler is not None:
             handler(signum, frame)
         else:
@@ -544,7 +539,7 @@ class _CommandLineService(CredproxyService):
         return maybeDeferred(super().stopService).addBoth(self._restore_handlers)
 
     def _restore_handlers(self, result: _T) -> _T:
-        ours = (self._hangup, self._interrupted, self._terminated)
+        ours = (self._hangup, self._stop_signal)
         for signum, previous in self._previous_handlers.items():
             # A handler the reactor put in place of ours since is the reactor's to keep.
             if signal.getsignal(signum) in ours:

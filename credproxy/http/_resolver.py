@@ -74,7 +74,7 @@ class SharedLookups:
     ) -> IHostResolution:
         types = frozenset(addressTypes) if addressTypes is not None else None
         key: _Key = (hostName, portNumber, types, transportSemantics)
-        resolution = _Resolution(hostName, self._waiting, key, resolutionReceiver)
+        resolution = _Resolution(hostName, self, key, resolutionReceiver)
         resolutionReceiver.resolutionBegan(resolution)
         kept = self._kept.get(key)
         if kept is not None:
@@ -92,6 +92,14 @@ class SharedLookups:
             _Collector(self, key), hostName, portNumber, addressTypes, transportSemantics
         )
         return resolution
+
+    def forget(self, key: _Key, receiver: IResolutionReceiver) -> None:
+        """
+        C{receiver} no longer wants the answer of the lookup of C{key}.
+        """
+        waiting = self._waiting.get(key, [])
+        if receiver in waiting:
+            waiting.remove(receiver)
 
     def complete(self, key: _Key, addresses: tuple[IAddress, ...]) -> None:
         """
@@ -115,21 +123,15 @@ class _Resolution:
     """
 
     def __init__(
-        self,
-        name: str,
-        waiting: dict[_Key, list[IResolutionReceiver]],
-        key: _Key,
-        receiver: IResolutionReceiver,
+        self, name: str, lookups: SharedLookups, key: _Key, receiver: IResolutionReceiver
     ) -> None:
         self.name = name
-        self._waiting = waiting
+        self._lookups = lookups
         self._key = key
         self._receiver = receiver
 
     def cancel(self) -> None:
-        receivers = self._waiting.get(self._key, [])
-        if self._receiver in receivers:
-            receivers.remove(self._receiver)
+        self._lookups.forget(self._key, self._receiver)
 
 
 @implementer(IResolutionReceiver)
